@@ -1,0 +1,98 @@
+"""Per-step metrics: one JSON line per step, a live progress bar or plain lines, TensorBoard if present."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+
+class MetricsLog:
+    """Appends one object per step to metrics.jsonl; floats keep full precision (repr)."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        self._drop_after(resume_step)
+        self._file = path.open("a")
+        self._tensorboard = _tensorboard_writer(path.parent)
+
+    def _drop_after(self, step: int) -> None:
+        """Steps logged after the checkpoint we resume from are redone, so their lines go."""
+        if not self.path.exists():
+            return
+        kept = [
+            line
+            for line in self.path.read_text().splitlines()
+            if line.strip() and _complete_step(line) is not None and _complete_step(line) <= step
+        ]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tensorboard is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, float | int):
+                    self._tensorboard.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+
+
+def _complete_step(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None  # a line torn by a kill mid-write
+
+
+def _tensorboard_writer(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class ProgressDisplay:
+    """A rich progress bar on a terminal; a plain line every `every` steps otherwise."""
+
+    def __init__(self, total: int, start: int, every: int, enabled: bool):
+        self.every, self.enabled = every, enabled
+        self.console = Console()
+        self.live = enabled and sys.stdout.isatty()
+        self._progress: Progress | None = None
+        if self.live:
+            self._progress = Progress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[status]}"),
+                TimeRemainingColumn(),
+                console=self.console,
+            )
+            self._task = self._progress.add_task("train", total=total, completed=start, status="")
+            self._progress.start()
+
+    def update(self, record: dict[str, Any], total: int) -> None:
+        status = (
+            f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s"
+        )
+        if self._progress is not None:
+            self._progress.update(self._task, completed=record["step"], status=status)
+        elif self.enabled and (record["step"] % self.every == 0 or record["step"] == total):
+            print(f"step {record['step']}/{total}  {status}", flush=True)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()

@@ -1,0 +1,250 @@
+"""The island trainer: synchronous data-parallel training of one model on one island.
+
+Reads top to bottom: set up the placement, resolve the resume point, build tokenizer, data,
+model and optimizer, restore the checkpoint, run the inner steps, save, evaluate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tokenizers import Tokenizer
+from torch.nn.parallel import DistributedDataParallel
+
+from ostinato import hardware
+from ostinato.checkpoint.state import (
+    find_resume_point,
+    init_optimizer_state,
+    restore,
+    rng_state,
+    tensor_state,
+)
+from ostinato.checkpoint.store import CheckpointWriter
+from ostinato.config import Config, TrainConfig, save_config
+from ostinato.data.sources import Documents, load_documents
+from ostinato.data.stream import TokenStream, tokenize
+from ostinato.data.tokenizer import check_vocab, load_tokenizer, train_tokenizer
+from ostinato.hardware import Placement
+from ostinato.model.llama import Llama
+from ostinato.train.evaluate import Evaluation, accuracy, validation_loss
+from ostinato.train.metrics import MetricsLog, ProgressDisplay
+from ostinato.train.schedule import lr_at
+
+log = logging.getLogger("ostinato")
+TOKENIZER_FILE = "tokenizer.json"
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    final_loss: float | None
+    evaluation: Evaluation = field(default_factory=Evaluation)
+
+
+@dataclass
+class Island:
+    """Everything that changes during training, for one rank."""
+
+    model: Llama  # the bare model: checkpoints and evaluation use it
+    step_model: torch.nn.Module  # what the step runs: DDP and/or compiled
+    optimizer: torch.optim.Optimizer
+    stream: TokenStream
+    tokenizer: Tokenizer
+    documents: Documents
+    step: int = 0
+
+
+def train(cfg: Config, out: Path, resume: str = "auto", show_progress: bool = True) -> TrainResult:
+    """Train per `cfg` into run directory `out`, resuming per `resume` (auto, none or a path)."""
+    place = hardware.setup(cfg.hardware)
+    try:
+        return _train(cfg, Path(out), resume, place, show_progress)
+    finally:
+        hardware.teardown()
+
+
+def _train(cfg: Config, out: Path, resume: str, place: Placement, show_progress: bool) -> TrainResult:
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    torch.manual_seed(cfg.train.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+    writer = CheckpointWriter(out / "checkpoints", cfg.checkpoint, place.rank, group)
+    resume_from = find_resume_point(resume, out / "checkpoints")
+    if place.is_main:
+        save_config(cfg, out / "config.toml")
+    recovery_started = time.perf_counter()
+    island = build_island(cfg, out, place, resume_from)
+    writer.last_saved_step = island.step if resume_from else None
+    recovery_s = time.perf_counter() - recovery_started if resume_from else 0.0
+    final_loss = run_steps(cfg, island, place, writer, out, recovery_s, show_progress)
+    save_checkpoint(cfg, island, writer)
+    writer.wait()
+    if dist.is_initialized():
+        dist.barrier()
+    evaluation = evaluate(cfg, island) if place.is_main else Evaluation()
+    return TrainResult(out, island.step, final_loss, evaluation)
+
+
+def build_island(cfg: Config, out: Path, place: Placement, resume_from: Path | None) -> Island:
+    documents = load_documents(cfg.data)
+    tokenizer = prepare_tokenizer(cfg, documents, out, place, resume_from)
+    check_vocab(tokenizer, cfg.model.vocab_size, str(out / TOKENIZER_FILE))
+    stream = TokenStream(
+        tokenize(tokenizer, documents.train), cfg.data.seq_len, cfg.data.seed, place.rank, place.world_size
+    )
+    model = Llama(cfg.model)
+    model.init_weights(torch.Generator().manual_seed(cfg.train.seed))
+    model.to(place.device)
+    optimizer = make_optimizer(model, cfg.train)
+    init_optimizer_state(model, optimizer)
+    island = Island(model, model, optimizer, stream, tokenizer, documents)
+    if resume_from is not None:
+        meta = restore(resume_from, tensor_state(model, optimizer), cfg.to_dict())
+        stream.load_state_dict(meta["data"])
+        island.step = meta["step"]
+        log.info("resumed from %s at step %d", resume_from, island.step)
+    if place.world_size > 1:
+        device_ids = [place.device.index] if place.is_accelerator else None
+        island.step_model = DistributedDataParallel(model, device_ids=device_ids)
+    if cfg.train.compile:
+        island.step_model = torch.compile(island.step_model)
+    return island
+
+
+def prepare_tokenizer(
+    cfg: Config, documents: Documents, out: Path, place: Placement, resume_from: Path | None
+) -> Tokenizer:
+    """The checkpoint's tokenizer on resume; else the configured one; else train one (rank 0)."""
+    target = out / TOKENIZER_FILE
+    source = resume_from / TOKENIZER_FILE if resume_from else Path(cfg.data.tokenizer or target)
+    if place.is_main:
+        if resume_from is None and not cfg.data.tokenizer:
+            log.info("training a byte-level BPE tokenizer (%d tokens)", cfg.model.vocab_size)
+            train_tokenizer(documents.train, cfg.model.vocab_size).save(str(target))
+        elif source.resolve() != target.resolve():
+            load_tokenizer(source)  # refuse a malformed file before copying it into the run
+            shutil.copyfile(source, target)
+    if dist.is_initialized():
+        dist.barrier()
+    return load_tokenizer(target)
+
+
+def make_optimizer(model: Llama, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; matrices decay, norms do not."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def autocast_dtype(cfg: TrainConfig, place: Placement) -> torch.dtype | None:
+    wanted = cfg.dtype if cfg.dtype != "auto" else ("bf16" if place.is_accelerator else "fp32")
+    return torch.bfloat16 if wanted == "bf16" else None
+
+
+def train_step(cfg: TrainConfig, island: Island, place: Placement) -> tuple[float, float]:
+    """One optimizer step with gradient accumulation; returns (mean loss, gradient norm)."""
+    lr = lr_at(island.step, cfg)
+    for group in island.optimizer.param_groups:
+        group["lr"] = lr
+    dtype = autocast_dtype(cfg, place)
+    loss_sum = torch.zeros((), device=place.device)
+    for micro in range(cfg.grad_accum):
+        inputs, targets = island.stream.next_batch(cfg.batch_size)
+        inputs, targets = inputs.to(place.device), targets.to(place.device)
+        last = micro == cfg.grad_accum - 1
+        sync = contextlib.nullcontext() if last or place.world_size == 1 else island.step_model.no_sync()
+        autocast = torch.autocast(place.device.type, dtype=dtype, enabled=dtype is not None)
+        with sync, autocast:
+            loss = island.step_model(inputs, targets) / cfg.grad_accum
+        loss.backward()
+        loss_sum += loss.detach()
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(island.model.parameters(), max_norm)
+    island.optimizer.step()
+    island.optimizer.zero_grad(set_to_none=True)
+    island.step += 1
+    if place.world_size > 1:
+        dist.all_reduce(loss_sum)
+        loss_sum /= place.world_size
+    return float(loss_sum), float(grad_norm)
+
+
+def run_steps(
+    cfg: Config,
+    island: Island,
+    place: Placement,
+    writer: CheckpointWriter,
+    out: Path,
+    recovery_s: float,
+    show_progress: bool,
+) -> float | None:
+    metrics = MetricsLog(out / "metrics.jsonl", island.step) if place.is_main else None
+    progress = ProgressDisplay(cfg.train.steps, island.step, cfg.train.log_every, show_progress and place.is_main)
+    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len * place.world_size
+    loss = None
+    try:
+        while island.step < cfg.train.steps:
+            started = time.perf_counter()
+            loss, grad_norm = train_step(cfg.train, island, place)
+            compute_s = time.perf_counter() - started
+            stall_s = 0.0
+            if cfg.checkpoint.every and island.step % cfg.checkpoint.every == 0:
+                stall_s = save_checkpoint(cfg, island, writer)
+            step_s = time.perf_counter() - started
+            record = {
+                "step": island.step,
+                "loss": loss,
+                "lr": lr_at(island.step - 1, cfg.train),
+                "grad_norm": grad_norm,
+                "tokens_per_s": tokens_per_step / step_s,
+                "tokens": tokens_per_step,
+                "step_s": step_s,
+                "compute_s": compute_s,
+                "checkpoint_stall_s": stall_s,
+                "recovery_s": recovery_s,
+            }
+            recovery_s = 0.0
+            if metrics is not None:
+                metrics.write(record)
+            progress.update(record, cfg.train.steps)
+    finally:
+        progress.close()
+        if metrics is not None:
+            metrics.close()
+    return loss
+
+
+def save_checkpoint(cfg: Config, island: Island, writer: CheckpointWriter) -> float:
+    if writer.last_saved_step == island.step:
+        return 0.0
+    meta: dict[str, Any] = {
+        "config": cfg.to_dict(),
+        "data": island.stream.state_dict(),
+        "rng": rng_state(),
+        "train_state": {"step": island.step},
+        "versions": hardware.stack_versions(),
+    }
+    tokenizer_json = island.tokenizer.to_str().encode()
+    return writer.save(island.step, tensor_state(island.model, island.optimizer), meta, {TOKENIZER_FILE: tokenizer_json})
+
+
+def evaluate(cfg: Config, island: Island) -> Evaluation:
+    model = island.model
+    model.eval()
+    val_tokens = tokenize(island.tokenizer, island.documents.validation)
+    problems = island.documents.heldout[: cfg.train.eval_problems]
+    acc, samples = accuracy(model, island.tokenizer, problems, cfg.train.samples)
+    return Evaluation(validation_loss(model, val_tokens, cfg.data.seq_len), acc, samples)
