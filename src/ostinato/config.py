@@ -7,10 +7,11 @@ every problem and raises one `ConfigError` that names each bad field and what it
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 
 class ConfigError(ValueError):
@@ -74,7 +75,9 @@ class TrainConfig:
     batch_size: int = _opt(8, "sequences per rank per micro-batch", min=1)
     grad_accum: int = _opt(1, "micro-batches accumulated per step", min=1)
     lr: float = _opt(3e-3, "peak learning rate", min=0.0)
-    min_lr_ratio: float = _opt(0.1, "final learning rate as a fraction of the peak", min=0.0, max=1.0)
+    min_lr_ratio: float = _opt(
+        0.1, "final learning rate as a fraction of the peak", min=0.0, max=1.0
+    )
     warmup_steps: int = _opt(10, "linear warm-up steps before the cosine decay", min=0)
     weight_decay: float = _opt(0.1, "AdamW weight decay", min=0.0)
     beta1: float = _opt(0.9, "AdamW beta1", min=0.0, max=1.0)
@@ -82,7 +85,9 @@ class TrainConfig:
     grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0: off)", min=0.0)
     seed: int = _opt(0, "seed of the model initialisation")
     dtype: str = _opt(
-        "auto", "autocast dtype (auto: bf16 on accelerators, fp32 on CPU)", choices=("auto", "fp32", "bf16")
+        "auto",
+        "autocast dtype (auto: bf16 on accelerators, fp32 on CPU)",
+        choices=("auto", "fp32", "bf16"),
     )
     compile: bool = _opt(False, "wrap the model in torch.compile")
     threads: int = _opt(0, "CPU threads per rank (0: torch's default)", min=0)
@@ -156,7 +161,9 @@ def from_dict(raw: dict[str, Any], errors: list[str] | None = None) -> Config:
             own_errors.append(f"[{name}]: must be a table of keys, got {value!r}")
     for name, cls in SECTIONS.items():
         table = raw.get(name, {})
-        sections[name] = _build_section(name, cls, table if isinstance(table, dict) else {}, own_errors)
+        sections[name] = _build_section(
+            name, cls, table if isinstance(table, dict) else {}, own_errors
+        )
     if errors is None and own_errors:
         raise ConfigError(_format_errors(None, own_errors))
     return Config(**sections)
@@ -171,7 +178,9 @@ def resolve_model(model: ModelConfig, errors: list[str]) -> None:
         if getattr(model, key) == 0:
             setattr(model, key, value)
     if model.dim % model.n_heads:
-        errors.append(f"model.dim = {model.dim}: must be a multiple of model.n_heads ({model.n_heads})")
+        errors.append(
+            f"model.dim = {model.dim}: must be a multiple of model.n_heads ({model.n_heads})"
+        )
     elif model.n_heads % model.n_kv_heads:
         errors.append(
             f"model.n_kv_heads = {model.n_kv_heads}: must divide model.n_heads ({model.n_heads})"
@@ -212,7 +221,9 @@ def _read_toml(path: Path) -> dict[str, Any]:
     try:
         return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}. Fix the line named.") from None
+        raise ConfigError(
+            f"config file {path} is not valid TOML: {exc}. Fix the line named."
+        ) from None
 
 
 def _apply_override(raw: dict[str, Any], item: str, errors: list[str]) -> None:

@@ -40,7 +40,9 @@ def init_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
 
 def tensor_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Model and optimizer tensors keyed by parameter name (resharding-friendly, no pickles)."""
-    optim = {name: optimizer.state[p] for name, p in model.named_parameters() if p in optimizer.state}
+    optim = {
+        name: optimizer.state[p] for name, p in model.named_parameters() if p in optimizer.state
+    }
     return {"model": model.state_dict(), "optimizer": optim}
 
 
@@ -82,7 +84,11 @@ def find_resume_point(resume: str, checkpoints: Path) -> Path | None:
 def check_compatible(meta: dict[str, Any], config: dict[str, Any], path: Path) -> None:
     """The model must be the same shape; anything else (steps, lr, ...) may change on resume."""
     saved, current = meta["config"]["model"], config["model"]
-    differing = [f"model.{k}: {saved.get(k)!r} in the checkpoint, {v!r} now" for k, v in current.items() if saved.get(k) != v]
+    differing = [
+        f"model.{k}: {saved.get(k)!r} in the checkpoint, {v!r} now"
+        for k, v in current.items()
+        if saved.get(k) != v
+    ]
     if differing:
         raise CheckpointError(
             f"checkpoint {path} was written for another model ("
@@ -92,9 +98,15 @@ def check_compatible(meta: dict[str, Any], config: dict[str, Any], path: Path) -
 
 
 def restore(path: Path, tensors: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
-    """Load a verified checkpoint into `tensors` in place; returns its JSON metadata."""
+    """Load a verified checkpoint into `tensors` in place; returns its JSON metadata.
+
+    A checkpoint made by `ostinato import` holds only `model` (meta "parts"): the optimizer
+    then starts fresh and the data stream at its beginning.
+    """
     meta = read_meta(path)
     check_compatible(meta, config, path)
-    load_tensors(path, tensors)
-    set_rng_state(meta["rng"])
+    parts = meta.get("parts", ["model", "optimizer"])
+    load_tensors(path, {name: tensors[name] for name in parts})
+    if meta.get("rng"):
+        set_rng_state(meta["rng"])
     return meta

@@ -129,11 +129,16 @@ class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         allowed = (
             module.startswith("torch.distributed.checkpoint.")
-            or (module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)))
+            or (
+                module == "torch"
+                and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype))
+            )
             or (module, name) in _PLAIN_GLOBALS
         )
         if not allowed:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from checkpoint metadata")
+            raise pickle.UnpicklingError(
+                f"refusing to load {module}.{name} from checkpoint metadata"
+            )
         return super().find_class(module, name)
 
 
@@ -219,7 +224,9 @@ class CheckpointWriter:
         except BaseException as exc:  # surfaced to the training thread by wait()
             self._error = exc
 
-    def _write(self, step: int, staged: dict[str, Any], meta: dict[str, Any], files: dict[str, bytes]) -> None:
+    def _write(
+        self, step: int, staged: dict[str, Any], meta: dict[str, Any], files: dict[str, bytes]
+    ) -> None:
         tmp = self.root / f"{TMP_PREFIX}{step_dir_name(step)}"
         dcp.save(staged, checkpoint_id=str(tmp), process_group=self.group)
         if self.rank == 0:

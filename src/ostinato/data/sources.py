@@ -47,7 +47,9 @@ def _list_files(path: str) -> list[Path]:
         raise ValueError("data.path is empty: data.source = 'files' needs a file or directory.")
     root = Path(path)
     if not root.exists():
-        raise ValueError(f"data.path = {path!r} does not exist. Give an existing file or directory.")
+        raise ValueError(
+            f"data.path = {path!r} does not exist. Give an existing file or directory."
+        )
     if root.is_file():
         return [root]
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in FILE_SUFFIXES)

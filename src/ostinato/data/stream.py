@@ -49,7 +49,10 @@ class TokenStream:
         epoch, position = divmod(index, self.num_sequences)
         if epoch != self._epoch:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._epoch, self._order = epoch, torch.randperm(self.num_sequences, generator=generator)
+            self._epoch, self._order = (
+                epoch,
+                torch.randperm(self.num_sequences, generator=generator),
+            )
         start = int(self._order[position]) * self.seq_len
         return self.tokens[start : start + self.seq_len + 1]
 

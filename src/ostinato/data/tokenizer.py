@@ -33,7 +33,9 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     except Exception as exc:  # tokenizers raises a bare Exception on malformed JSON
         raise ValueError(f"data.tokenizer = {str(path)!r} is not a tokenizer.json: {exc}") from None
     if tokenizer.token_to_id(EOS) is None:
-        raise ValueError(f"tokenizer {path} has no {EOS} token; ostinato separates documents with it.")
+        raise ValueError(
+            f"tokenizer {path} has no {EOS} token; ostinato separates documents with it."
+        )
     return tokenizer
 
 

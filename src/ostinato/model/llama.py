@@ -34,7 +34,9 @@ class RMSNorm(nn.Module):
 def rope_tables(cfg: ModelConfig, device: torch.device | None = None) -> torch.Tensor:
     """cos and sin of every position, stacked: (2, max_seq_len, E), HF's half-split layout."""
     head_dim = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    inv_freq = 1.0 / (
+        cfg.rope_theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+    )
     angles = torch.outer(torch.arange(cfg.max_seq_len, device=device).float(), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return torch.stack([angles.cos(), angles.sin()])
@@ -79,7 +81,9 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, E)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, E)
+        k = (
+            self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        )  # (B, K, T, E)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
@@ -88,7 +92,9 @@ class Attention(nn.Module):
         causal = mask is None and k.shape[2] == T
         if mask is None and not causal:
             mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - T)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True
+        )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

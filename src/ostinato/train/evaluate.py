@@ -29,7 +29,9 @@ class Evaluation:
 
 
 @torch.no_grad()
-def validation_loss(model: Llama, tokens: torch.Tensor, seq_len: int, max_batches: int = 8) -> float | None:
+def validation_loss(
+    model: Llama, tokens: torch.Tensor, seq_len: int, max_batches: int = 8
+) -> float | None:
     """Mean loss over consecutive windows of the validation tokens."""
     windows = [tokens[i : i + seq_len + 1] for i in range(0, len(tokens) - seq_len - 1, seq_len)]
     windows = windows[: max_batches * 8]

@@ -37,7 +37,9 @@ def print_result(result: TrainResult) -> None:
     for sample in ev.samples:
         mark = "[green]right[/]" if sample.correct else "[red]wrong[/]"
         console.print(f"\n[bold]Q:[/] {sample.question}", highlight=False)
-        console.print(f"[bold]A:[/] {sample.answer}  ({mark}, expected {sample.expected})", highlight=False)
+        console.print(
+            f"[bold]A:[/] {sample.answer}  ({mark}, expected {sample.expected})", highlight=False
+        )
 
 
 def print_doctor() -> None:

@@ -72,7 +72,9 @@ def train(cfg: Config, out: Path, resume: str = "auto", show_progress: bool = Tr
         hardware.teardown()
 
 
-def _train(cfg: Config, out: Path, resume: str, place: Placement, show_progress: bool) -> TrainResult:
+def _train(
+    cfg: Config, out: Path, resume: str, place: Placement, show_progress: bool
+) -> TrainResult:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
@@ -100,7 +102,11 @@ def build_island(cfg: Config, out: Path, place: Placement, resume_from: Path | N
     tokenizer = prepare_tokenizer(cfg, documents, out, place, resume_from)
     check_vocab(tokenizer, cfg.model.vocab_size, str(out / TOKENIZER_FILE))
     stream = TokenStream(
-        tokenize(tokenizer, documents.train), cfg.data.seq_len, cfg.data.seed, place.rank, place.world_size
+        tokenize(tokenizer, documents.train),
+        cfg.data.seq_len,
+        cfg.data.seed,
+        place.rank,
+        place.world_size,
     )
     model = Llama(cfg.model)
     model.init_weights(torch.Generator().manual_seed(cfg.train.seed))
@@ -110,8 +116,9 @@ def build_island(cfg: Config, out: Path, place: Placement, resume_from: Path | N
     island = Island(model, model, optimizer, stream, tokenizer, documents)
     if resume_from is not None:
         meta = restore(resume_from, tensor_state(model, optimizer), cfg.to_dict())
-        stream.load_state_dict(meta["data"])
-        island.step = meta["step"]
+        if meta.get("data"):
+            stream.load_state_dict(meta["data"])
+        island.step = meta["train_state"]["step"]
         log.info("resumed from %s at step %d", resume_from, island.step)
     if place.world_size > 1:
         device_ids = [place.device.index] if place.is_accelerator else None
@@ -165,7 +172,11 @@ def train_step(cfg: TrainConfig, island: Island, place: Placement) -> tuple[floa
         inputs, targets = island.stream.next_batch(cfg.batch_size)
         inputs, targets = inputs.to(place.device), targets.to(place.device)
         last = micro == cfg.grad_accum - 1
-        sync = contextlib.nullcontext() if last or place.world_size == 1 else island.step_model.no_sync()
+        sync = (
+            contextlib.nullcontext()
+            if last or place.world_size == 1
+            else island.step_model.no_sync()
+        )
         autocast = torch.autocast(place.device.type, dtype=dtype, enabled=dtype is not None)
         with sync, autocast:
             loss = island.step_model(inputs, targets) / cfg.grad_accum
@@ -192,8 +203,12 @@ def run_steps(
     show_progress: bool,
 ) -> float | None:
     metrics = MetricsLog(out / "metrics.jsonl", island.step) if place.is_main else None
-    progress = ProgressDisplay(cfg.train.steps, island.step, cfg.train.log_every, show_progress and place.is_main)
-    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len * place.world_size
+    progress = ProgressDisplay(
+        cfg.train.steps, island.step, cfg.train.log_every, show_progress and place.is_main
+    )
+    tokens_per_step = (
+        cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len * place.world_size
+    )
     loss = None
     try:
         while island.step < cfg.train.steps:
@@ -231,6 +246,7 @@ def save_checkpoint(cfg: Config, island: Island, writer: CheckpointWriter) -> fl
     if writer.last_saved_step == island.step:
         return 0.0
     meta: dict[str, Any] = {
+        "parts": ["model", "optimizer"],
         "config": cfg.to_dict(),
         "data": island.stream.state_dict(),
         "rng": rng_state(),
@@ -238,7 +254,12 @@ def save_checkpoint(cfg: Config, island: Island, writer: CheckpointWriter) -> fl
         "versions": hardware.stack_versions(),
     }
     tokenizer_json = island.tokenizer.to_str().encode()
-    return writer.save(island.step, tensor_state(island.model, island.optimizer), meta, {TOKENIZER_FILE: tokenizer_json})
+    return writer.save(
+        island.step,
+        tensor_state(island.model, island.optimizer),
+        meta,
+        {TOKENIZER_FILE: tokenizer_json},
+    )
 
 
 def evaluate(cfg: Config, island: Island) -> Evaluation:

@@ -1,5 +1,6 @@
 """Hardware profiles: what one chip can do, with the source of every figure beside it.
 
+Shipped profiles live in profiles/*.toml next to this module.
 A profile is a TOML file. Each figure is either a bare number or an inline table
 `{ value = ..., source = "..." }`; shipped profiles always give the source, and a figure recalled
 rather than re-read at its source carries "[M]" (see shared/FACTS.md), while a figure we chose
@@ -8,10 +9,11 @@ carries "assumption". Users add profiles by passing a path instead of a name.
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
+
+import tomllib
 
 from ostinato.plan.errors import PlanError
 
@@ -83,7 +85,7 @@ def parse_profile(text: str, origin: str) -> Profile:
         raise PlanError(
             f"profile {origin}: missing or non-positive figures: {', '.join(problems)}. Every "
             f"profile needs all of {', '.join(FIGURES)}, each a positive number or "
-            f"{{ value = ..., source = \"...\" }}"
+            f'{{ value = ..., source = "..." }}'
         )
     if values["mfu"] > 1:
         raise PlanError(f"profile {origin}: mfu = {values['mfu']} must be a share, at most 1")

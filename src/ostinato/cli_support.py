@@ -1,0 +1,57 @@
+"""Shared pieces of the command-line layer: error handling, logging, override parsing."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+err = Console(stderr=True)
+OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
+Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")]
+
+
+def _setup_logging() -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    level = logging.INFO if rank == 0 else logging.WARNING
+    handler = RichHandler(console=err, show_path=False, show_time=False)
+    logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
+
+
+def user_errors(command):
+    """Turn ValueError (and its ConfigError/CheckpointError kin) into exit code 2 with the message."""
+
+    @functools.wraps(command)
+    def wrapper(*args, debug: bool = False, **kwargs):
+        _setup_logging()
+        try:
+            return command(*args, **kwargs)
+        except ValueError as exc:
+            if debug:
+                raise
+            err.print(f"[bold red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def parse_overrides(args: list[str]) -> list[str]:
+    """`--section.key=value` or `--section.key value` words into `section.key=value` strings."""
+    result, words = [], list(args)
+    while words:
+        word = words.pop(0)
+        if not word.startswith("--") or "." not in word.split("=")[0]:
+            raise ValueError(
+                f"unexpected argument {word!r}: overrides look like --section.key=value"
+            )
+        if "=" not in word:
+            if not words:
+                raise ValueError(f"override {word} has no value: write {word}=VALUE")
+            word = f"{word}={words.pop(0)}"
+        result.append(word[2:])
+    return result
