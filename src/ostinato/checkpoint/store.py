@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import CheckpointException, FileSystemReader
 from torch.distributed.checkpoint.metadata import StorageMeta
 
 from ostinato.config import CheckpointConfig
@@ -156,7 +156,11 @@ class SafeReader(FileSystemReader):
 
 def load_tensors(path: Path, tensors: dict[str, Any], process_group=None) -> None:
     """Fill `tensors` (a nested dict of tensors) in place from the checkpoint at `path`."""
-    dcp.load(tensors, storage_reader=SafeReader(path), process_group=process_group)
+    try:
+        dcp.load(tensors, storage_reader=SafeReader(path), process_group=process_group)
+    except CheckpointException as exc:
+        reasons = "; ".join(str(getattr(f, "exc", f)) for f in exc.failures.values())
+        raise CheckpointError(f"checkpoint {path} cannot be read: {reasons}") from None
 
 
 def stage(tensors: dict[str, Any]) -> dict[str, Any]:

@@ -37,9 +37,12 @@ def load_documents(cfg: DataConfig) -> Documents:
             f"data.path = {cfg.path!r}: the corpus is empty (no non-empty text found in "
             f"{', '.join(FILE_SUFFIXES)} files). Point data.path at files with text in them."
         )
-    validation = texts[VALIDATION_SHARE - 1 :: VALIDATION_SHARE]
-    train = [t for i, t in enumerate(texts) if i % VALIDATION_SHARE != VALIDATION_SHARE - 1]
-    return Documents(train, validation or texts[-1:])
+    if len(texts) == 1:
+        return Documents(texts, texts)
+    share = min(VALIDATION_SHARE, len(texts))
+    validation = texts[share - 1 :: share]
+    train = [t for i, t in enumerate(texts) if i % share != share - 1]
+    return Documents(train, validation)
 
 
 def _list_files(path: str) -> list[Path]:

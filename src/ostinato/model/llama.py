@@ -18,6 +18,11 @@ from torch import nn
 from ostinato.config import ModelConfig
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Upcast bf16/fp16 for numerically sensitive parts; leave fp32 and fp64 alone."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -26,7 +31,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32, as HF does, so bf16 activations do not lose the scale.
-        x32 = x.float()
+        x32 = at_least_fp32(x)
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
 
@@ -46,7 +51,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """x: (B, heads, T, E); cos, sin: (T, E) or (B, 1, T, E)."""
     first, second = x.chunk(2, dim=-1)
     rotated = torch.cat([-second, first], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    return (at_least_fp32(x) * cos + at_least_fp32(rotated) * sin).to(x.dtype)
 
 
 class KVCache:
@@ -179,7 +184,9 @@ class Llama(nn.Module):
         logits = self.lm_head(self.model.norm(x))
         if targets is None:
             return logits
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        return F.cross_entropy(
+            at_least_fp32(logits).flatten(0, 1), targets.flatten(), ignore_index=-100
+        )
 
 
 def count_parameters(model: nn.Module) -> int:
