@@ -55,6 +55,58 @@ def doctor(debug: Debug = False) -> None:
     print_doctor()
 
 
+@app.command(context_settings=OVERRIDES)
+@user_errors
+def plan(
+    ctx: typer.Context,
+    scenario: Annotated[str | None, typer.Argument(help="Scenario TOML file.")] = None,
+    preset: Annotated[
+        str | None, typer.Option(help="llama3-405b, torchft-l40s, r2-on-ascend.")
+    ] = None,
+    sweep: Annotated[
+        list[str] | None, typer.Option(help="section.key=v1,v2,... (repeatable).")
+    ] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    plot: Annotated[
+        str | None, typer.Option(help="Draw goodput against scale to FILE.png.")
+    ] = None,
+    calibrate: Annotated[
+        str | None, typer.Option(help="Fit and predict back a measured run.")
+    ] = None,
+    deadline_hours: Annotated[float | None, typer.Option(help="Deadline for P(finish).")] = None,
+    price_per_chip_hour: Annotated[float | None, typer.Option(help="Price for the cost.")] = None,
+    debug: Debug = False,
+) -> None:
+    from ostinato.plan.command import plan as run_plan
+
+    code = run_plan(
+        scenario,
+        preset,
+        sweep or [],
+        json_out,
+        plot,
+        calibrate,
+        deadline_hours,
+        price_per_chip_hour,
+        parse_overrides(ctx.args),
+    )
+    raise typer.Exit(code)
+
+
+def _planner_help() -> str:
+    from ostinato.plan.command import plan as run_plan
+
+    return run_plan.__doc__ or ""
+
+
+plan.__doc__ = _planner_help()
+
+
+from ostinato.serve.commands import register as register_serving  # noqa: E402
+
+register_serving(app)
+
+
 def main() -> None:
     app(prog_name="ostinato")
 

@@ -9,11 +9,10 @@ carries "assumption". Users add profiles by passing a path instead of a name.
 
 from __future__ import annotations
 
+import tomllib
 from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
-
-import tomllib
 
 from ostinato.plan.errors import PlanError
 
