@@ -7,11 +7,10 @@ every problem and raises one `ConfigError` that names each bad field and what it
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 
 class ConfigError(ValueError):

@@ -7,6 +7,7 @@ Named parts, as in TorchTitan: `model` and `optimizer` (tensors, through DCP), a
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 import shutil
 from pathlib import Path
@@ -44,6 +45,15 @@ def tensor_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str
         name: optimizer.state[p] for name, p in model.named_parameters() if p in optimizer.state
     }
     return {"model": model.state_dict(), "optimizer": optim}
+
+
+def parameter_digest(model: nn.Module) -> str:
+    """sha256 of every parameter and buffer, bit for bit: equal digests mean identical models."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def rng_state() -> str:

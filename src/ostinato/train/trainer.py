@@ -23,6 +23,7 @@ from ostinato import hardware
 from ostinato.checkpoint.state import (
     find_resume_point,
     init_optimizer_state,
+    parameter_digest,
     restore,
     rng_state,
     tensor_state,
@@ -47,6 +48,7 @@ class TrainResult:
     run_dir: Path
     step: int
     final_loss: float | None
+    parameter_digest: str  # of this rank's final parameters
     evaluation: Evaluation = field(default_factory=Evaluation)
 
 
@@ -94,7 +96,8 @@ def _train(
     if dist.is_initialized():
         dist.barrier()
     evaluation = evaluate(cfg, island) if place.is_main else Evaluation()
-    return TrainResult(out, island.step, final_loss, evaluation)
+    digest = parameter_digest(island.model)
+    return TrainResult(out, island.step, final_loss, digest, evaluation)
 
 
 def build_island(cfg: Config, out: Path, place: Placement, resume_from: Path | None) -> Island:
