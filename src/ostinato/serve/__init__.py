@@ -1,0 +1,1 @@
+"""Hand a trained model to other stacks: export/import (HF, GGUF), verify, serve, chat."""

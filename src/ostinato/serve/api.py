@@ -1,0 +1,326 @@
+"""The OpenAI-compatible HTTP API over the engine: completions, chat, streaming, metrics.
+
+Every refusal is an OpenAI-style error body with a 4xx status; an unexpected failure is a 500
+with a one-line message (the traceback goes to the server log, never to the client).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+from tokenizers import Tokenizer
+
+from ostinato.serve.engine import Engine, Sampling
+from ostinato.serve.schemas import (
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    GenerationFields,
+    error_response,
+)
+from ostinato.serve.text import CHAT_TEMPLATE, TextStream, render_chat
+
+log = logging.getLogger("ostinato")
+ROUTES = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
+
+
+@dataclass
+class Served:
+    """What the API serves: the engine, its tokenizer and how requests may use them."""
+
+    engine: Engine
+    tokenizer: Tokenizer
+    name: str
+    eos_token: str
+    chat_template: str = CHAT_TEMPLATE
+    api_key: str | None = None
+    max_concurrent: int = 64
+    http: Counter = field(default_factory=Counter)  # (path, status) -> requests
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def create_app(served: Served) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        served.engine.start()
+        yield
+        served.engine.stop()
+
+    app = FastAPI(title="ostinato", lifespan=lifespan, docs_url=None, redoc_url=None)
+    _add_error_handlers(app)
+    _add_middleware(app, served)
+    _add_routes(app, served)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = exc.errors()
+        if any(p.get("type") == "json_invalid" for p in problems):
+            return error_response(400, "the request body is not valid JSON", code="invalid_json")
+        first = problems[0]
+        param = ".".join(str(part) for part in first.get("loc", ())[1:]) or None
+        message = "; ".join(
+            f"{'.'.join(str(x) for x in p.get('loc', ())[1:]) or 'body'}: {p.get('msg')}"
+            for p in problems
+        )
+        return error_response(400, message, param=param, code="invalid_value")
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("request to %s failed", request.url.path)
+        return error_response(500, f"internal error: {type(exc).__name__}")
+
+
+def _add_middleware(app: FastAPI, served: Served) -> None:
+    @app.middleware("http")
+    async def auth_and_count(request: Request, call_next):
+        if served.api_key is not None and not _authorized(request, served.api_key):
+            response = error_response(401, "missing or wrong API key", code="invalid_api_key")
+        else:
+            response = await call_next(request)
+        # Unknown paths share one label, so scanners cannot grow the metrics without bound.
+        path = request.url.path if request.url.path in ROUTES else "other"
+        served.http[(path, response.status_code)] += 1
+        return response
+
+
+def _authorized(request: Request, key: str) -> bool:
+    given = request.headers.get("authorization", "")
+    return hmac.compare_digest(given.encode(), f"Bearer {key}".encode())
+
+
+def _add_routes(app: FastAPI, served: Served) -> None:
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(prometheus_text(served), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        card = {
+            "id": served.name,
+            "object": "model",
+            "created": served.created,
+            "owned_by": "ostinato",
+            "max_model_len": served.engine.max_seq_len,
+        }
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        prompt = body.prompt if isinstance(body.prompt, list) else _encode(served, body.prompt)
+        return await _respond(served, body, prompt, body.max_tokens or 16, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest):
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        text = render_chat(messages, served.eos_token, served.chat_template)
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        return await _respond(served, body, _encode(served, text), max_tokens, chat=True)
+
+
+def _encode(served: Served, text: str) -> list[int]:
+    return served.tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def _check(served: Served, body: GenerationFields, prompt: list[int], max_tokens: int) -> None:
+    """Refuse what the engine cannot do, with the status and wording OpenAI clients expect."""
+    if body.model != served.name:
+        raise ApiError(
+            404,
+            f"model {body.model!r} does not exist; this server has {served.name!r}",
+            param="model",
+            code="model_not_found",
+        )
+    if not prompt:
+        raise ApiError(400, "the prompt is empty", param="prompt", code="invalid_value")
+    vocab = served.tokenizer.get_vocab_size()
+    if any(not 0 <= t < vocab for t in prompt):
+        raise ApiError(400, f"token ids must lie in [0, {vocab})", param="prompt")
+    context = served.engine.max_seq_len
+    if len(prompt) + max_tokens > context:
+        raise ApiError(
+            400,
+            f"this model's maximum context length is {context} tokens; the prompt has "
+            f"{len(prompt)} and max_tokens asks for {max_tokens} more",
+            param="max_tokens" if len(prompt) < context else "prompt",
+            code="context_length_exceeded",
+        )
+    if served.engine.load() >= served.max_concurrent:
+        raise ApiError(
+            429,
+            f"too many concurrent requests (limit {served.max_concurrent}); retry shortly",
+            code="too_many_requests",
+        )
+
+
+async def _respond(
+    served: Served, body: GenerationFields, prompt: list[int], max_tokens: int | None, chat: bool
+):
+    # Without max_tokens a chat answer may use the rest of the context, as OpenAI's does.
+    max_tokens = max_tokens or max(1, served.engine.max_seq_len - len(prompt))
+    _check(served, body, prompt, max_tokens)
+    sampling = Sampling(max_tokens, body.temperature, body.top_p, body.seed, body.ignore_eos)
+    stream = TextStream(served.tokenizer, body.stop_list(), lstrip=chat)
+    pieces = _generate(served, prompt, sampling, stream)
+    reply = Reply(served.name, chat, len(prompt), stream)
+    if body.stream:
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(reply.events(pieces, usage), media_type="text/event-stream")
+    text, reason = "", None
+    async for piece, finish in pieces:
+        text, reason = text + piece, finish
+    if reason == "error":
+        raise ApiError(500, "generation failed in the engine; see the server log")
+    return reply.full(text, reason)
+
+
+async def _generate(
+    served: Served, prompt: list[int], sampling: Sampling, text: TextStream
+) -> AsyncIterator[tuple[str, str | None]]:
+    """(text piece, finish reason or None) as the engine produces tokens."""
+    loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+
+    def emit(token: int | None, reason: str | None) -> None:  # runs on the engine thread
+        loop.call_soon_threadsafe(queue.put_nowait, (token, reason))
+
+    seq = served.engine.submit(prompt, sampling, emit)
+    try:
+        while True:
+            token, reason = await queue.get()
+            piece = text.push(token) if token is not None else ""
+            if text.stopped:
+                yield piece, "stop"
+                return
+            if reason is not None:
+                yield piece + text.flush(), reason
+                return
+            if piece:
+                yield piece, None
+    finally:  # finished, stopped by a stop string, or the client went away
+        served.engine.cancel(seq)
+
+
+@dataclass
+class Reply:
+    """Shapes text into OpenAI's completion / chat.completion objects and their chunks."""
+
+    model: str
+    chat: bool
+    prompt_tokens: int
+    stream: TextStream  # its token ids are the completion's
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def full(self, text: str, reason: str | None) -> dict[str, Any]:
+        choice = {"index": 0, "finish_reason": reason, "logprobs": None}
+        choice.update(
+            {"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}
+        )
+        return {**self._head(chunk=False), "choices": [choice], "usage": self._usage()}
+
+    async def events(self, pieces: AsyncIterator[tuple[str, str | None]], usage: bool):
+        if self.chat:
+            yield self._chunk({"role": "assistant", "content": ""}, None)
+        async for piece, reason in pieces:
+            if reason == "error":
+                error = {"message": "generation failed in the engine", "type": "server_error"}
+                yield _sse({"error": error})
+                break
+            yield self._chunk({"content": piece} if self.chat else piece, reason)
+        if usage:
+            yield _sse({**self._head(chunk=True), "choices": [], "usage": self._usage()})
+        yield "data: [DONE]\n\n"
+
+    def _chunk(self, content: Any, reason: str | None) -> str:
+        choice = {"index": 0, "finish_reason": reason, "logprobs": None}
+        choice.update({"delta": content} if self.chat else {"text": content})
+        return _sse({**self._head(chunk=True), "choices": [choice]})
+
+    def _head(self, chunk: bool) -> dict[str, Any]:
+        kind = (
+            ("chat.completion.chunk" if chunk else "chat.completion")
+            if self.chat
+            else "text_completion"
+        )
+        prefix = "chatcmpl-" if self.chat else "cmpl-"
+        return {
+            "id": prefix + self.id,
+            "object": kind,
+            "created": self.created,
+            "model": self.model,
+        }
+
+    def _usage(self) -> dict[str, int]:
+        done = len(self.stream.ids)
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": done,
+            "total_tokens": self.prompt_tokens + done,
+        }
+
+
+def _sse(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+def prometheus_text(served: Served) -> str:
+    """Counters and gauges in Prometheus' text exposition format."""
+    stats, engine = served.engine.stats, served.engine
+    lines = []
+
+    def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
+        lines.extend([f"# HELP ostinato_{name} {help_text}", f"# TYPE ostinato_{name} {kind}"])
+        lines.extend(f"ostinato_{name}{labels} {value}" for labels, value in samples)
+
+    metric(
+        "prompt_tokens_total", "counter", "Prompt tokens prefilled.", [("", stats["prompt_tokens"])]
+    )
+    metric(
+        "generated_tokens_total", "counter", "Tokens generated.", [("", stats["generated_tokens"])]
+    )
+    metric(
+        "decode_steps_total", "counter", "Batched decoding steps.", [("", stats["decode_steps"])]
+    )
+    metric(
+        "decode_rows_total",
+        "counter",
+        "Sequences advanced, summed over decoding steps.",
+        [("", stats["decode_rows"])],
+    )
+    reasons = [(f'{{reason="{r}"}}', stats[f"finished_{r}"]) for r in ("stop", "length", "error")]
+    metric("sequences_finished_total", "counter", "Sequences finished, by reason.", reasons)
+    with engine.cond:
+        running, waiting = len(engine.running), len(engine.waiting)
+    metric("sequences_running", "gauge", "Sequences holding a KV-cache slot.", [("", running)])
+    metric("sequences_waiting", "gauge", "Sequences waiting for a slot.", [("", waiting)])
+    http = [(f'{{path="{p}",status="{s}"}}', n) for (p, s), n in sorted(served.http.items())]
+    metric("http_requests_total", "counter", "HTTP requests, by path and status.", http)
+    return "\n".join(lines) + "\n"
