@@ -5,13 +5,14 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # error messages keep paths on one line
 OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")]
 
@@ -19,8 +20,13 @@ Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.
 def _setup_logging() -> None:
     rank = int(os.environ.get("RANK", "0"))
     level = logging.INFO if rank == 0 else logging.WARNING
-    handler = RichHandler(console=err, show_path=False, show_time=False)
-    logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
+    if sys.stderr.isatty():
+        handler: logging.Handler = RichHandler(console=err, show_path=False, show_time=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:  # logs captured to a file stay one event per line
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
 
 
 def user_errors(command):
