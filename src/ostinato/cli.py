@@ -55,6 +55,91 @@ def doctor(debug: Debug = False) -> None:
     print_doctor()
 
 
+fleet_app = typer.Typer(no_args_is_help=True, help="Train one model on several islands (DiLoCo).")
+app.add_typer(fleet_app, name="fleet")
+
+
+@fleet_app.command("coordinator", context_settings=OVERRIDES)
+@user_errors
+def fleet_coordinator(
+    ctx: typer.Context,
+    bind: Annotated[
+        str, typer.Option(help="HOST:PORT to listen on (port 0: any free).")
+    ] = "127.0.0.1:29400",
+    out: Annotated[Path | None, typer.Option(help="Directory for rounds.jsonl.")] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="Recipe whose [fleet] section to use.")
+    ] = None,
+    debug: Debug = False,
+) -> None:
+    """Run the fleet coordinator: membership, rounds and commits; it holds no model state.
+
+    Islands join with `ostinato train ... --fleet.coordinator HOST:PORT --fleet.island NAME`.
+    Only islands presenting the fleet token (--fleet.token or OSTINATO_FLEET_TOKEN) are admitted.
+    """
+    from ostinato.config import load_config
+    from ostinato.fleet.coordinator import Coordinator
+    from ostinato.fleet.wire import fleet_token
+
+    cfg = load_config(config, parse_overrides(ctx.args)).fleet
+    if not fleet_token(cfg.token):
+        raise ValueError(
+            "the coordinator needs a fleet token: set OSTINATO_FLEET_TOKEN or --fleet.token"
+        )
+    coordinator = Coordinator(bind, cfg, out)
+    print(f"coordinator on {bind.rpartition(':')[0]}:{coordinator.port}", flush=True)
+    coordinator.run()
+
+
+@fleet_app.command("status")
+@user_errors
+def fleet_status(
+    address: Annotated[str, typer.Argument(help="HOST:PORT of the coordinator.")],
+    token: Annotated[str, typer.Option(help="Fleet token (default OSTINATO_FLEET_TOKEN).")] = "",
+    debug: Debug = False,
+) -> None:
+    """Print the fleet's islands (training, syncing, recovering, gone), speeds and last round."""
+    from ostinato.fleet.report import print_status
+
+    print_status(address, token)
+
+
+@fleet_app.command("local", context_settings=OVERRIDES)
+@user_errors
+def fleet_local(
+    ctx: typer.Context,
+    config: Annotated[Path, typer.Option(help="TOML recipe for every island.")],
+    out: Annotated[Path, typer.Option(help="Fleet directory: one run directory per island.")],
+    islands: Annotated[int, typer.Option(help="Number of islands.")] = 2,
+    names: Annotated[
+        str | None, typer.Option(help="Island names, comma-separated (default a,b,c...).")
+    ] = None,
+    resume: Annotated[
+        str, typer.Option(help="none: a fresh fleet; auto: from the fleet checkpoint.")
+    ] = "none",
+    for_island: Annotated[
+        list[str] | None,
+        typer.Option("--for", help="ISLAND:section.key=value for one island only."),
+    ] = None,
+    max_restarts: Annotated[int, typer.Option(help="Restarts of a crashed island.")] = 3,
+    debug: Debug = False,
+) -> None:
+    """Run a whole fleet on this machine: a coordinator and one process per island.
+
+    Every --section.key=value goes to all islands (and --fleet.* also to the coordinator);
+    --for b:fleet.slowdown=3 changes island b only. Exits 0 when the run completes.
+    """
+    from ostinato.config import load_config
+    from ostinato.fleet.local import LocalFleet, island_names, parse_per_island
+
+    overrides = parse_overrides(ctx.args)
+    load_config(config, overrides)  # refuse a bad config before starting anything
+    chosen = island_names(islands, names)
+    per_island = parse_per_island(for_island or [], chosen)
+    fleet = LocalFleet(config, out, chosen, overrides, per_island, resume, max_restarts)
+    raise typer.Exit(fleet.run())
+
+
 @app.command(context_settings=OVERRIDES)
 @user_errors
 def plan(

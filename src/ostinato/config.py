@@ -110,12 +110,45 @@ class HardwareConfig:
 
 
 @dataclass
+class FleetConfig:
+    coordinator: str = _opt("", "HOST:PORT of the fleet coordinator; empty: train one island alone")
+    island: str = _opt("a", "this island's name, unique in the fleet")
+    token: str = _opt("", "the fleet's shared secret (or OSTINATO_FLEET_TOKEN)")
+    budget: str = _opt("steps:20", "inner work per round: steps:H or seconds:T")
+    rounds: int = _opt(0, "rounds in the run (0: train.steps / H)", min=0)
+    compression: str = _opt(
+        "int8", "pseudo-gradients on the wire", choices=("fp32", "bf16", "int8", "int4")
+    )
+    block: int = _opt(128, "values per quantization block (one fp32 scale each)", min=2)
+    outer_lr: float = _opt(0.7, "outer Nesterov SGD learning rate (DiLoCo: 0.7)", min=0.0)
+    outer_momentum: float = _opt(0.9, "outer Nesterov momentum (DiLoCo: 0.9)", min=0.0, max=1.0)
+    expect: int = _opt(0, "islands to wait for before the first round (0: whoever is there)", min=0)
+    min_islands: int = _opt(
+        1, "fewest islands that may commit a round after the grace window", min=1
+    )
+    grace_s: float = _opt(
+        5.0, "how long ready islands wait for the others before a partial round", min=0.0
+    )
+    timeout_s: float = _opt(20.0, "timeout of one cross-island collective", min=0.5)
+    heartbeat_s: float = _opt(0.5, "seconds between heartbeats", min=0.05)
+    heartbeat_timeout_s: float = _opt(5.0, "silence after which an island counts as gone", min=0.2)
+    connect_timeout_s: float = _opt(60.0, "how long to wait for the coordinator", min=0.5)
+    checkpoint_every: int = _opt(5, "rounds between durable fleet checkpoints (0: never)", min=0)
+    checkpoint_dir: str = _opt("", "where fleet checkpoints go (default: next to the island's run)")
+    link: str = _opt("", "emulated link of this island: latency=50ms,bandwidth=100mbit,loss=0")
+    slowdown: float = _opt(
+        1.0, "emulate an island this many times slower (tests, benchmarks)", min=1.0
+    )
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -127,6 +160,7 @@ SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "checkpoint": CheckpointConfig,
     "hardware": HardwareConfig,
+    "fleet": FleetConfig,
 }
 
 
@@ -144,9 +178,32 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         errors.append(
             f"data.seq_len = {cfg.data.seq_len}: must be <= model.max_seq_len ({cfg.model.max_seq_len})"
         )
+    _check_budget(cfg.fleet, errors)
     if errors:
         raise ConfigError(_format_errors(path, errors))
     return cfg
+
+
+def budget_of(fleet: FleetConfig) -> tuple[str, float]:
+    """("steps", H) or ("seconds", T) from `fleet.budget`."""
+    kind, _, value = fleet.budget.partition(":")
+    return kind, float(value)
+
+
+def _check_budget(fleet: FleetConfig, errors: list[str]) -> None:
+    kind, _, value = fleet.budget.partition(":")
+    try:
+        amount = float(value)
+    except ValueError:
+        amount = -1.0
+    if (
+        kind not in ("steps", "seconds")
+        or amount <= 0
+        or (kind == "steps" and amount != int(amount))
+    ):
+        errors.append(
+            f"fleet.budget = {fleet.budget!r}: allowed forms: steps:H (H > 0) or seconds:T (T > 0)"
+        )
 
 
 def from_dict(raw: dict[str, Any], errors: list[str] | None = None) -> Config:

@@ -178,8 +178,16 @@ class CheckpointWriter:
     save never interleaves with the training collectives.
     """
 
-    def __init__(self, root: Path, cfg: CheckpointConfig, rank: int = 0, process_group=None):
+    def __init__(
+        self,
+        root: Path,
+        cfg: CheckpointConfig,
+        rank: int = 0,
+        process_group=None,
+        sync_ranks: bool = True,
+    ):
         self.root, self.cfg, self.rank, self.group = root, cfg, rank, process_group
+        self.no_dist = not sync_ranks  # a writer of one rank only: no collectives
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.last_saved_step: int | None = None
@@ -187,7 +195,7 @@ class CheckpointWriter:
             root.mkdir(parents=True, exist_ok=True)
             for stale in root.glob(TMP_PREFIX + "*"):  # left by a crash during a save
                 shutil.rmtree(stale, ignore_errors=True)
-        if dist.is_initialized():
+        if sync_ranks and dist.is_initialized():
             dist.barrier()
 
     def save(
@@ -232,7 +240,7 @@ class CheckpointWriter:
         self, step: int, staged: dict[str, Any], meta: dict[str, Any], files: dict[str, bytes]
     ) -> None:
         tmp = self.root / f"{TMP_PREFIX}{step_dir_name(step)}"
-        dcp.save(staged, checkpoint_id=str(tmp), process_group=self.group)
+        dcp.save(staged, checkpoint_id=str(tmp), process_group=self.group, no_dist=self.no_dist)
         if self.rank == 0:
             for name, content in files.items():
                 (tmp / name).write_bytes(content)

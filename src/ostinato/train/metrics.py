@@ -45,6 +45,27 @@ class MetricsLog:
             self._tensorboard.close()
 
 
+class EventLog:
+    """Spans of wall-clock time by kind, for goodput accounting (ostinato.faults.goodput)."""
+
+    def __init__(self, path: Path, island: str):
+        self.path, self.island = path, island
+
+    def span(self, kind: str, start: float, end: float) -> None:
+        self._write(
+            {"type": "span", "island": self.island, "kind": kind, "start": start, "end": end}
+        )
+
+    def mark(self, kind: str, label: str, at: float) -> None:
+        self._write(
+            {"type": "mark", "island": self.island, "kind": kind, "label": label, "time": at}
+        )
+
+    def _write(self, event: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(event) + "\n")
+
+
 def _complete_step(line: str) -> int | None:
     try:
         return int(json.loads(line)["step"])

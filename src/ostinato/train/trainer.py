@@ -33,10 +33,12 @@ from ostinato.config import Config, TrainConfig, save_config
 from ostinato.data.sources import Documents, load_documents
 from ostinato.data.stream import TokenStream, tokenize
 from ostinato.data.tokenizer import check_vocab, load_tokenizer, train_tokenizer
+from ostinato.fleet import island as fleet_island
+from ostinato.fleet.member import FleetMember
 from ostinato.hardware import Placement
 from ostinato.model.llama import Llama
 from ostinato.train.evaluate import Evaluation, accuracy, validation_loss
-from ostinato.train.metrics import MetricsLog, ProgressDisplay
+from ostinato.train.metrics import EventLog, MetricsLog, ProgressDisplay
 from ostinato.train.schedule import lr_at
 
 log = logging.getLogger("ostinato")
@@ -63,6 +65,14 @@ class Island:
     tokenizer: Tokenizer
     documents: Documents
     step: int = 0
+    member: FleetMember | None = None  # set when this island is part of a fleet
+    events: EventLog | None = None
+
+    def checkpoint_tensors(self) -> dict[str, Any]:
+        tensors = tensor_state(self.model, self.optimizer)
+        if self.member is not None:
+            tensors["outer_optimizer"] = fleet_island.tensor_state(self.member)
+        return tensors
 
 
 def train(cfg: Config, out: Path, resume: str = "auto", show_progress: bool = True) -> TrainResult:
@@ -86,11 +96,18 @@ def _train(
     resume_from = find_resume_point(resume, out / "checkpoints")
     if place.is_main:
         save_config(cfg, out / "config.toml")
-    recovery_started = time.perf_counter()
-    island = build_island(cfg, out, place, resume_from)
+    recovery_started = time.time()
+    island = build_island(cfg, out, place, resume_from, resume)
     writer.last_saved_step = island.step if resume_from else None
-    recovery_s = time.perf_counter() - recovery_started if resume_from else 0.0
-    final_loss = run_steps(cfg, island, place, writer, out, recovery_s, show_progress)
+    if place.is_main:
+        island.events = EventLog(out / "events.jsonl", cfg.fleet.island)
+        if resume_from or island.member is not None:
+            island.events.span("recovery", recovery_started, time.time())
+    try:
+        final_loss = run_steps(cfg, island, place, writer, out, show_progress)
+    finally:
+        if island.member is not None:
+            island.member.close()
     save_checkpoint(cfg, island, writer)
     writer.wait()
     if dist.is_initialized():
@@ -100,14 +117,16 @@ def _train(
     return TrainResult(out, island.step, final_loss, digest, evaluation)
 
 
-def build_island(cfg: Config, out: Path, place: Placement, resume_from: Path | None) -> Island:
+def build_island(
+    cfg: Config, out: Path, place: Placement, resume_from: Path | None, resume: str = "auto"
+) -> Island:
     documents = load_documents(cfg.data)
     tokenizer = prepare_tokenizer(cfg, documents, out, place, resume_from)
     check_vocab(tokenizer, cfg.model.vocab_size, str(out / TOKENIZER_FILE))
     stream = TokenStream(
         tokenize(tokenizer, documents.train),
         cfg.data.seq_len,
-        cfg.data.seed,
+        fleet_island.island_seed(cfg),
         place.rank,
         place.world_size,
     )
@@ -117,12 +136,20 @@ def build_island(cfg: Config, out: Path, place: Placement, resume_from: Path | N
     optimizer = make_optimizer(model, cfg.train)
     init_optimizer_state(model, optimizer)
     island = Island(model, model, optimizer, stream, tokenizer, documents)
+    if cfg.fleet.coordinator:
+        island.member = FleetMember(cfg.fleet, model, fleet_island.fingerprint(cfg, tokenizer))
     if resume_from is not None:
-        meta = restore(resume_from, tensor_state(model, optimizer), cfg.to_dict())
+        meta = restore(resume_from, island.checkpoint_tensors(), cfg.to_dict())
         if meta.get("data"):
             stream.load_state_dict(meta["data"])
         island.step = meta["train_state"]["step"]
+        if island.member is not None and "fleet" in meta:
+            island.member.round_have = meta["fleet"]["round_have"]
         log.info("resumed from %s at step %d", resume_from, island.step)
+    elif island.member is not None and resume != "none":
+        fleet_island.resume_from_fleet_checkpoint(cfg, out, island.member, model, stream)
+    if island.member is not None and place.is_main:
+        island.member.start(model)
     if place.world_size > 1:
         device_ids = [place.device.index] if place.is_accelerator else None
         island.step_model = DistributedDataParallel(model, device_ids=device_ids)
@@ -202,22 +229,26 @@ def run_steps(
     place: Placement,
     writer: CheckpointWriter,
     out: Path,
-    recovery_s: float,
     show_progress: bool,
 ) -> float | None:
     metrics = MetricsLog(out / "metrics.jsonl", island.step) if place.is_main else None
+    total = cfg.train.steps if island.member is None else fleet_island.total_inner_steps(cfg)
     progress = ProgressDisplay(
-        cfg.train.steps, island.step, cfg.train.log_every, show_progress and place.is_main
+        total, island.step, cfg.train.log_every, show_progress and place.is_main
     )
     tokens_per_step = (
         cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len * place.world_size
     )
+    rounds = fleet_island.RoundClock()
     loss = None
     try:
-        while island.step < cfg.train.steps:
-            started = time.perf_counter()
+        while island.step < cfg.train.steps if island.member is None else island.member.active:
+            started, wall = time.perf_counter(), time.time()
             loss, grad_norm = train_step(cfg.train, island, place)
             compute_s = time.perf_counter() - started
+            if cfg.fleet.slowdown > 1:  # emulate a slower island: its compute takes longer
+                time.sleep((cfg.fleet.slowdown - 1) * compute_s)
+                compute_s = time.perf_counter() - started
             stall_s = 0.0
             if cfg.checkpoint.every and island.step % cfg.checkpoint.every == 0:
                 stall_s = save_checkpoint(cfg, island, writer)
@@ -232,12 +263,26 @@ def run_steps(
                 "step_s": step_s,
                 "compute_s": compute_s,
                 "checkpoint_stall_s": stall_s,
-                "recovery_s": recovery_s,
+                "recovery_s": 0.0,
             }
-            recovery_s = 0.0
+            if island.events is not None:
+                island.events.span("compute", wall, wall + compute_s)
+                if stall_s:
+                    island.events.span("checkpoint", wall + compute_s, wall + step_s)
+            if island.member is not None:
+                record["round"] = island.member.round_have + 1
+                rounds.add(tokens_per_step)
+                island.member.heartbeat.status.update(
+                    step=island.step, tokens_per_s=record["tokens_per_s"], state="training"
+                )
             if metrics is not None:
                 metrics.write(record)
-            progress.update(record, cfg.train.steps)
+            progress.update(record, total)
+            if island.member is not None and island.member.round_due(
+                rounds.steps, rounds.seconds()
+            ):
+                if fleet_island.sync_round(cfg, island, place, out, rounds):
+                    break
     finally:
         progress.close()
         if metrics is not None:
@@ -249,20 +294,18 @@ def save_checkpoint(cfg: Config, island: Island, writer: CheckpointWriter) -> fl
     if writer.last_saved_step == island.step:
         return 0.0
     meta: dict[str, Any] = {
-        "parts": ["model", "optimizer"],
+        "parts": list(island.checkpoint_tensors()),
         "config": cfg.to_dict(),
         "data": island.stream.state_dict(),
         "rng": rng_state(),
         "train_state": {"step": island.step},
         "versions": hardware.stack_versions(),
     }
+    if island.member is not None:
+        meta["fleet"] = {"round_have": island.member.round_have}
     tokenizer_json = island.tokenizer.to_str().encode()
-    return writer.save(
-        island.step,
-        tensor_state(island.model, island.optimizer),
-        meta,
-        {TOKENIZER_FILE: tokenizer_json},
-    )
+    tensors = island.checkpoint_tensors()
+    return writer.save(island.step, tensors, meta, {TOKENIZER_FILE: tokenizer_json})
 
 
 def evaluate(cfg: Config, island: Island) -> Evaluation:

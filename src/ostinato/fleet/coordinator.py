@@ -1,0 +1,310 @@
+"""The fleet coordinator: who is alive, who takes part in each round, and whether it commits.
+
+It hosts the TCPStore and runs one loop over it: read join requests (knocks), read heartbeats,
+advance the round. It holds no model state: after a restart it learns the last committed round
+from the islands, which re-knock when their connection drops, so a restart loses no round.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ostinato.config import FleetConfig
+from ostinato.fleet import wire
+
+log = logging.getLogger("ostinato")
+TICK_S = 0.01
+COMPARED = ("model", "tokenizer", "compression", "block", "outer_lr", "outer_momentum", "rounds")
+
+
+@dataclass
+class IslandView:
+    name: str
+    nonce: str
+    role: str  # member: holds the current global state; joiner: waits for a donor
+    have: int  # the last committed round whose global state the island holds
+    last_beat: float
+    beat: int = -1
+    status: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RoundState:
+    number: int = 1
+    attempt: int = 0
+    phase: str = "collect"  # collect: waiting for ready islands; exchange: members at work
+    members: list[str] = field(default_factory=list)
+    first_ready_at: float | None = None
+    exchange_started: float = 0.0
+
+
+class Coordinator:
+    def __init__(self, bind: str, cfg: FleetConfig, out: Path | None = None):
+        self.cfg, self.out = cfg, out
+        self.token = wire.fleet_token(cfg.token)
+        self.store = wire.serve_store(bind)
+        self.keys = wire.Keys(self.store, wire.namespace(self.token))
+        self.public = wire.Keys(self.store, "public")
+        self.islands: dict[str, IslandView] = {}
+        self.fingerprint: dict[str, Any] | None = None
+        self.round = RoundState()
+        self.last_committed = 0
+        self.last_members: list[str] = []
+        self.committed_here = 0  # rounds committed by this coordinator process
+        self.total_rounds = 0
+        self.started = time.monotonic()
+        self.finished = False
+        self._knock_offset = 0
+        self.keys.put("epoch", secrets.token_hex(8))
+
+    @property
+    def port(self) -> int:
+        return self.store.port
+
+    def run(self) -> None:
+        """Serve until the final round is committed and every island has left."""
+        while not (self.finished and not self._alive()):
+            self.tick()
+            time.sleep(TICK_S)
+
+    def tick(self) -> None:
+        self._read_knocks()
+        self._read_heartbeats()
+        if self._settled():
+            self._advance()
+        self._publish_status()
+
+    def _settled(self) -> bool:
+        """After a (re)start, islands get a moment to (re-)knock before rounds are planned."""
+        waited = time.monotonic() - self.started
+        if waited < min(self.cfg.heartbeat_timeout_s, 2.0):
+            return False
+        expected = self.committed_here == 0 and len(self.islands) < self.cfg.expect
+        return not expected or waited > self.cfg.connect_timeout_s
+
+    # --- membership -------------------------------------------------------------------------
+
+    def _read_knocks(self) -> None:
+        if not self.public.view.check([wire.KNOCK]):
+            return
+        raw = self.public.view.get(wire.KNOCK).decode()
+        for line in raw[self._knock_offset :].splitlines():
+            self._answer(line)
+        self._knock_offset = len(raw)
+
+    def _answer(self, line: str) -> None:
+        try:
+            knock = json.loads(line)
+            island, nonce = str(knock["island"]), str(knock["nonce"])
+        except (ValueError, KeyError, TypeError):
+            log.warning("coordinator: ignoring a malformed join request %r", line[:200])
+            return
+        reply = self._decide(island, nonce, knock)
+        self.public.put(f"reply/{island}/{nonce}", reply)
+        if reply["ok"]:
+            log.info(
+                "coordinator: island %s joined as %s (%s)",
+                island,
+                reply["role"],
+                knock.get("why", ""),
+            )
+        else:
+            log.warning("coordinator: refused island %s: %s", island, reply["reason"])
+
+    def _decide(self, island: str, nonce: str, knock: dict[str, Any]) -> dict[str, Any]:
+        if knock.get("mac") != wire.knock_mac(self.token, island, nonce):
+            return {
+                "ok": False,
+                "reason": "wrong fleet token (--fleet.token or OSTINATO_FLEET_TOKEN)",
+            }
+        previous = self.islands.get(island)
+        if previous and self._is_alive(previous) and not knock.get("reconnect"):
+            return {"ok": False, "reason": f"an island named {island!r} is already in the fleet"}
+        problem = self._mismatch(knock.get("fingerprint", {}))
+        if problem:
+            return {"ok": False, "reason": problem}
+        if self.finished:
+            return {"ok": False, "reason": "the fleet has finished its run", "finished": True}
+        have = int(knock.get("round_have", 0))
+        if have > self.last_committed and not self.committed_here:
+            self._learn_last_committed(have)
+        role = "member" if have == self.last_committed else "joiner"
+        self.islands[island] = IslandView(island, nonce, role, have, time.monotonic())
+        return {"ok": True, "role": role, "round": self.last_committed + 1}
+
+    def _learn_last_committed(self, have: int) -> None:
+        """After a restart (or a fleet resumed from its checkpoint) the islands say where it was."""
+        self.last_committed = have
+        self.round = RoundState(number=have + 1)
+        for view in self.islands.values():
+            view.role = "member" if view.have == have else "joiner"
+
+    def _mismatch(self, fingerprint: dict[str, Any]) -> str | None:
+        if self.fingerprint is None:
+            self.fingerprint = fingerprint
+            self.total_rounds = int(fingerprint.get("rounds", 0))
+            return None
+        differing = [k for k in COMPARED if fingerprint.get(k) != self.fingerprint.get(k)]
+        if not differing:
+            return None
+        details = "; ".join(
+            f"{k}: fleet {self.fingerprint.get(k)!r}, island {fingerprint.get(k)!r}"
+            for k in differing
+        )
+        return f"its config differs from the fleet's in {', '.join(differing)} ({details})"
+
+    def _read_heartbeats(self) -> None:
+        now = time.monotonic()
+        for view in self.islands.values():
+            beat = self.keys.get(f"hb/{view.name}")
+            if beat and beat.get("n") != view.beat:
+                view.beat, view.status, view.last_beat = beat["n"], beat, now
+
+    def _is_alive(self, view: IslandView) -> bool:
+        return time.monotonic() - view.last_beat < self.cfg.heartbeat_timeout_s
+
+    def _alive(self, role: str | None = None) -> list[str]:
+        return sorted(
+            v.name for v in self.islands.values() if self._is_alive(v) and role in (None, v.role)
+        )
+
+    # --- rounds ------------------------------------------------------------------------------
+
+    def _advance(self) -> None:
+        if self.finished:
+            return
+        if self.round.phase == "collect":
+            self._collect()
+        else:
+            self._watch_exchange()
+
+    def _collect(self) -> None:
+        state, now = self.round, time.monotonic()
+        live = self._alive("member")
+        ready = [m for m in live if self.keys.has(f"ready/{state.number}/{m}")]
+        self._demote_late_islands()
+        if not ready:
+            state.first_ready_at = None
+            return
+        state.first_ready_at = state.first_ready_at or now
+        grace_over = now - state.first_ready_at >= self.cfg.grace_s
+        if ready == live or (grace_over and len(ready) >= self.cfg.min_islands):
+            state.phase, state.members, state.exchange_started = "exchange", ready, now
+            self.keys.put(f"round/{state.number}", {"attempt": state.attempt, "members": ready})
+
+    def _demote_late_islands(self) -> None:
+        """A member ready for an already committed round missed it: it must be healed."""
+        for view in self.islands.values():
+            late = self.keys.has(f"ready/{self.last_committed}/{view.name}")
+            if view.role == "member" and late and view.name not in self.last_members:
+                view.role = "joiner"
+
+    def _watch_exchange(self) -> None:
+        state = self.round
+        results = {
+            m: self.keys.get(f"result/{state.number}/{state.attempt}/{m}") for m in state.members
+        }
+        if all(results.values()):
+            digests = {r["digest"] for r in results.values() if r["ok"]}
+            if all(r["ok"] for r in results.values()) and len(digests) == 1:
+                self._commit(results)
+            else:
+                self._abort("a member failed the exchange or the digests differ")
+            return
+        gone = [m for m in state.members if m not in self._alive()]
+        overdue = time.monotonic() - state.exchange_started > self.cfg.timeout_s + 5
+        if gone or overdue:
+            self._abort(f"gone: {', '.join(gone)}" if gone else "exchange overdue")
+
+    def _commit(self, results: dict[str, dict[str, Any]]) -> None:
+        state = self.round
+        donor = state.members[0]
+        joiners = [name for name in self._alive("joiner")]
+        final = self.total_rounds > 0 and state.number >= self.total_rounds
+        every = self.cfg.checkpoint_every
+        write_checkpoint = final or (every > 0 and state.number % every == 0)
+        data = {
+            m: self.keys.get(f"ready/{state.number}/{m}", {}).get("data") for m in state.members
+        }
+        record = {
+            "attempt": state.attempt,
+            "members": state.members,
+            "decision": "commit",
+            "heal": [
+                {"island": j, "donor": donor, "nonce": self.islands[j].nonce} for j in joiners
+            ],
+            "final": final,
+            "checkpoint_by": donor if write_checkpoint else None,
+            "data": data,
+        }
+        self.keys.put(f"round/{state.number}", record)
+        self._log_round(results)
+        for joiner in joiners:
+            self.islands[joiner].role = "member"
+        for view in self.islands.values():
+            if view.role == "member":
+                view.have = state.number
+        self.last_members = list(state.members)
+        self.last_committed = state.number
+        self.committed_here += 1
+        self.round = RoundState(number=state.number + 1)
+        self.finished = final
+
+    def _abort(self, why: str) -> None:
+        state = self.round
+        log.warning(
+            "coordinator: round %d attempt %d aborted (%s)", state.number, state.attempt, why
+        )
+        self.keys.put(
+            f"round/{state.number}",
+            {"attempt": state.attempt, "members": state.members, "decision": "abort"},
+        )
+        state.attempt += 1
+        state.phase, state.first_ready_at = "collect", None
+
+    def _log_round(self, results: dict[str, dict[str, Any]]) -> None:
+        state = self.round
+        record = {
+            "round": state.number,
+            "attempt": state.attempt,
+            "members": state.members,
+            "bytes_sent": {m: r["bytes_sent"] for m, r in results.items()},
+            "exchange_s": max(r["exchange_s"] for r in results.values()),
+            "tokens": {m: r["tokens"] for m, r in results.items()},
+            "digest": next(iter(results.values()))["digest"],
+            "time": time.time(),
+        }
+        log.info("coordinator: round %d committed by %s", state.number, ", ".join(state.members))
+        if self.out is not None:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with (self.out / "rounds.jsonl").open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _publish_status(self) -> None:
+        islands = [
+            {
+                "island": v.name,
+                "state": v.status.get("state", "starting") if self._is_alive(v) else "gone",
+                "role": v.role,
+                "step": v.status.get("step"),
+                "tokens_per_s": v.status.get("tokens_per_s"),
+                "round": v.status.get("round"),
+            }
+            for v in sorted(self.islands.values(), key=lambda v: v.name)
+        ]
+        status = {
+            "round": self.round.number,
+            "attempt": self.round.attempt,
+            "phase": self.round.phase,
+            "last_committed": self.last_committed,
+            "total_rounds": self.total_rounds,
+            "finished": self.finished,
+            "islands": islands,
+        }
+        self.keys.put("status", status)

@@ -1,0 +1,153 @@
+"""Glue between the island trainer and the fleet: identity, checkpoints and per-round syncing."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tokenizers import Tokenizer
+from torch import nn
+
+from ostinato.checkpoint.store import CheckpointWriter, latest_good, load_tensors, read_meta
+from ostinato.config import CheckpointConfig, Config, budget_of
+from ostinato.fleet.member import FleetMember, RoundOutcome
+
+log = logging.getLogger("ostinato")
+
+
+def total_rounds(cfg: Config) -> int:
+    kind, amount = budget_of(cfg.fleet)
+    if cfg.fleet.rounds:
+        return cfg.fleet.rounds
+    if kind == "seconds":
+        raise ValueError("fleet.rounds must be set (> 0) when fleet.budget is seconds:T")
+    return max(1, cfg.train.steps // int(amount))
+
+
+def island_seed(cfg: Config) -> int:
+    """Each island reads its own data stream (stream id = island name)."""
+    if not cfg.fleet.coordinator:
+        return cfg.data.seed
+    return cfg.data.seed + zlib.crc32(cfg.fleet.island.encode()) % 1_000_003
+
+
+def fingerprint(cfg: Config, tokenizer: Tokenizer) -> dict[str, Any]:
+    """What must be equal across the fleet; the coordinator names any field that is not."""
+    return {
+        "model": cfg.to_dict()["model"],
+        "tokenizer": hashlib.sha256(tokenizer.to_str().encode()).hexdigest()[:16],
+        "compression": cfg.fleet.compression,
+        "block": cfg.fleet.block,
+        "outer_lr": cfg.fleet.outer_lr,
+        "outer_momentum": cfg.fleet.outer_momentum,
+        "rounds": total_rounds(cfg),
+    }
+
+
+def fleet_dir(cfg: Config, out: Path) -> Path:
+    return Path(cfg.fleet.checkpoint_dir) if cfg.fleet.checkpoint_dir else out.parent / "fleet"
+
+
+def tensor_state(member: FleetMember) -> dict[str, torch.Tensor]:
+    return {**member.outer.state_dict(), **member.feedback.state_dict()}
+
+
+def load_tensor_state(member: FleetMember, state: dict[str, torch.Tensor]) -> None:
+    member.outer.load_state_dict(state)
+    member.feedback.load_state_dict(state)
+
+
+def empty_tensor_state(member: FleetMember) -> dict[str, torch.Tensor]:
+    return {k: torch.empty_like(v) for k, v in tensor_state(member).items()}
+
+
+def resume_from_fleet_checkpoint(
+    cfg: Config, out: Path, member: FleetMember, model: nn.Module, stream
+) -> bool:
+    """Without an island checkpoint, start from the fleet's latest durable checkpoint, if any."""
+    found = latest_good(fleet_dir(cfg, out) / "checkpoints")
+    if found is None:
+        return False
+    meta = read_meta(found)
+    state = {"outer_optimizer": empty_tensor_state(member)}
+    load_tensors(found, state)
+    load_tensor_state(member, state["outer_optimizer"])
+    member.outer.load_into(model)
+    member.round_have = meta["fleet"]["round"]
+    position = (meta["fleet"].get("data") or {}).get(cfg.fleet.island)
+    if position:
+        stream.load_state_dict(position)
+    log.info("fleet: resumed from fleet checkpoint %s (round %d)", found, member.round_have)
+    return True
+
+
+def write_fleet_checkpoint(
+    cfg: Config, out: Path, member: FleetMember, outcome: RoundOutcome
+) -> None:
+    root = fleet_dir(cfg, out) / "checkpoints"
+    writer = CheckpointWriter(root, CheckpointConfig(keep=3, async_save=False), sync_ranks=False)
+    meta = {
+        "parts": ["outer_optimizer"],
+        "config": cfg.to_dict(),
+        "fleet": {"round": outcome.round, "data": outcome.data},
+        "train_state": {"step": 0},
+    }
+    writer.save(outcome.round, {"outer_optimizer": tensor_state(member)}, meta)
+    log.info("fleet: wrote fleet checkpoint of round %d", outcome.round)
+
+
+def total_inner_steps(cfg: Config) -> int:
+    """Nominal inner steps of a fleet run, for the progress bar (time budgets may differ)."""
+    kind, amount = budget_of(cfg.fleet)
+    return total_rounds(cfg) * int(amount) if kind == "steps" else cfg.train.steps
+
+
+class RoundClock:
+    """Inner steps, tokens and seconds since this island's round began."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps, self.tokens, self.started = 0, 0, time.perf_counter()
+
+    def add(self, tokens: int) -> None:
+        self.steps += 1
+        self.tokens += tokens
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+
+def sync_round(cfg: Config, island, place, out: Path, clock: RoundClock) -> bool:
+    """End this island's round: the leader syncs with the fleet. Returns True after the last one."""
+    outcome = None
+    if place.is_main:
+        wall = time.time()
+        outcome = island.member.sync(island.model, clock.tokens, island.stream.state_dict())
+        if island.events is not None:
+            waited = wall + outcome.waiting_s
+            island.events.span("waiting", wall, waited)
+            kind = "exchange" if outcome.committed else "recovery"
+            island.events.span(kind, waited, time.time())
+        if outcome.checkpoint_by_me:
+            write_fleet_checkpoint(cfg, out, island.member, outcome)
+    clock.reset()
+    return share_round(island.model, outcome, place.world_size)
+
+
+def share_round(model: nn.Module, outcome: RoundOutcome | None, world_size: int) -> bool:
+    """Inside a multi-rank island the leader syncs; the others take its parameters. Returns final."""
+    if world_size == 1:
+        return bool(outcome and outcome.final)
+    flag = torch.tensor([float(outcome.final) if outcome else 0.0])
+    dist.broadcast(flag, 0)
+    for param in model.parameters():
+        dist.broadcast(param.data, 0)
+    return bool(flag.item())

@@ -1,0 +1,198 @@
+"""`ostinato fleet local`: a whole fleet on one machine, as processes, with their output streamed.
+
+Starts the coordinator and one `ostinato train` per island, prefixes each line with the island's
+name, and restarts an island whose process dies (as torchrun --max-restarts would), so a crash
+costs that island its round and the fleet carries on.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import secrets
+import shutil
+import string
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+
+console = Console(highlight=False)
+
+
+def island_names(count: int, names: str | None) -> list[str]:
+    if names:
+        chosen = [n.strip() for n in names.split(",") if n.strip()]
+        if len(chosen) != count or len(set(chosen)) != count:
+            raise ValueError(f"--names {names!r}: give {count} distinct names, one per island")
+        return chosen
+    if not 1 <= count <= 26:
+        raise ValueError(f"--islands {count}: a local fleet has 1 to 26 islands")
+    return list(string.ascii_lowercase[:count])
+
+
+@dataclass
+class IslandProcess:
+    name: str
+    command: list[str]
+    process: subprocess.Popen | None = None
+    restarts: int = 0
+    done: bool = False
+    exits: list[int] = field(default_factory=list)
+
+
+def _pump(prefix: str, stream, lines: queue.Queue) -> None:
+    for line in iter(stream.readline, ""):
+        lines.put((prefix, line.rstrip("\n")))
+
+
+def _spawn(
+    command: list[str], prefix: str, lines: queue.Queue, env: dict[str, str]
+) -> subprocess.Popen:
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1
+    )
+    threading.Thread(target=_pump, args=(prefix, process.stdout, lines), daemon=True).start()
+    return process
+
+
+class LocalFleet:
+    def __init__(
+        self,
+        config: Path,
+        out: Path,
+        names: list[str],
+        overrides: list[str],
+        per_island: dict[str, list[str]],
+        resume: str,
+        max_restarts: int,
+    ):
+        self.config, self.out, self.names = config, out, names
+        self.overrides, self.per_island = overrides, per_island
+        self.resume, self.max_restarts = resume, max_restarts
+        self.lines: queue.Queue = queue.Queue()
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.env.setdefault("OSTINATO_FLEET_TOKEN", secrets.token_hex(16))
+        self.coordinator: subprocess.Popen | None = None
+        self.islands: dict[str, IslandProcess] = {}
+
+    def start_coordinator(self) -> str:
+        command = [
+            sys.executable,
+            "-m",
+            "ostinato",
+            "fleet",
+            "coordinator",
+            "--bind",
+            "127.0.0.1:0",
+        ]
+        command += ["--out", str(self.out), "--config", str(self.config), *self._fleet_overrides()]
+        self.coordinator = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=self.env,
+            bufsize=1,
+        )
+        first = self.coordinator.stdout.readline().strip()
+        if not first.startswith("coordinator on "):
+            rest = self.coordinator.stdout.read()
+            raise RuntimeError(f"the coordinator did not start: {first}\n{rest}")
+        threading.Thread(
+            target=_pump, args=("coordinator", self.coordinator.stdout, self.lines), daemon=True
+        ).start()
+        return first.removeprefix("coordinator on ")
+
+    def _fleet_overrides(self) -> list[str]:
+        fleet = [f"--{o}" for o in self.overrides if o.startswith("fleet.")]
+        return [f"--fleet.expect={len(self.names)}", *fleet]
+
+    def island_command(self, name: str, address: str) -> list[str]:
+        command = [sys.executable, "-m", "ostinato", "train", "--config", str(self.config)]
+        command += ["--out", str(self.out / name), "--resume", self.resume]
+        command += [f"--{o}" for o in self.overrides]
+        command += [f"--fleet.coordinator={address}", f"--fleet.island={name}"]
+        command += [f"--{o}" for o in self.per_island.get(name, [])]
+        return command
+
+    def run(self) -> int:
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.resume == "none":  # a fresh fleet: forget an earlier run's rounds and checkpoints
+            (self.out / "rounds.jsonl").unlink(missing_ok=True)
+            shutil.rmtree(self.out / "fleet", ignore_errors=True)
+        address = self.start_coordinator()
+        console.print(f"[bold]fleet[/] coordinator on {address}; islands {', '.join(self.names)}")
+        for name in self.names:
+            island = IslandProcess(name, self.island_command(name, address))
+            island.process = _spawn(island.command, name, self.lines, self.env)
+            self.islands[name] = island
+        try:
+            return self._supervise()
+        finally:
+            self.stop()
+
+    def _supervise(self) -> int:
+        while not all(i.done for i in self.islands.values()):
+            self._drain(0.1)
+            for island in self.islands.values():
+                self._check(island)
+        self._drain(0.0)
+        failed = [i.name for i in self.islands.values() if i.exits[-1] != 0]
+        return 1 if failed else 0
+
+    def _check(self, island: IslandProcess) -> None:
+        if island.done or island.process.poll() is None:
+            return
+        code = island.process.returncode
+        island.exits.append(code)
+        if code == 0 or code == 2 or island.restarts >= self.max_restarts:
+            island.done = True  # finished, refused (exit 2), or out of restarts
+            return
+        island.restarts += 1
+        console.print(
+            f"[yellow]fleet: island {island.name} exited ({code}); restart {island.restarts}[/]"
+        )
+        command = [*island.command]
+        command[command.index("--resume") + 1] = "auto"
+        island.process = _spawn(command, island.name, self.lines, self.env)
+
+    def _drain(self, wait: float) -> None:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                prefix, line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return
+            console.print(f"[cyan]{prefix:>11}[/] {line}", markup=True, soft_wrap=True)
+
+    def pids(self) -> dict[str, int]:
+        return {name: i.process.pid for name, i in self.islands.items() if i.process}
+
+    def stop(self) -> None:
+        for island in self.islands.values():
+            if island.process and island.process.poll() is None:
+                island.process.kill()
+        if self.coordinator and self.coordinator.poll() is None:
+            self.coordinator.terminate()
+            try:
+                self.coordinator.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.coordinator.kill()
+
+
+def parse_per_island(items: list[str], names: list[str]) -> dict[str, list[str]]:
+    """`--for b:fleet.slowdown=3` lines into {island: [override, ...]}."""
+    result: dict[str, list[str]] = {}
+    for item in items:
+        name, sep, override = item.partition(":")
+        if not sep or name not in names or "=" not in override:
+            raise ValueError(
+                f"--for {item!r}: expected ISLAND:section.key=value with ISLAND one of {', '.join(names)}"
+            )
+        result.setdefault(name, []).append(override.removeprefix("--"))
+    return result

@@ -1,0 +1,305 @@
+"""An island's side of the fleet protocol (DESIGN.md, "The fleet protocol").
+
+The member wraps the island's model with DiLoCo: at the end of its round budget it sends its
+compressed pseudo-gradient, and the round's outer step is applied only if the fleet commits it.
+Failures are values: an exchange that fails is reported and retried with the survivors, and the
+island keeps its inner steps. A member that joins late is healed by a donor from the last
+committed round. Heartbeats go over their own connection, from their own thread.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ostinato.config import FleetConfig, budget_of
+from ostinato.fleet import wire
+from ostinato.fleet.compress import ErrorFeedback, from_bytes, unpack
+from ostinato.fleet.link import parse_link
+from ostinato.fleet.outer import OuterState
+
+log = logging.getLogger("ostinato")
+POLL_S = 0.005
+
+
+class Refused(ValueError):
+    """The coordinator would not take this island; the message says why."""
+
+
+@dataclass
+class RoundOutcome:
+    committed: bool  # False: this island missed the round and was healed instead
+    final: bool  # the fleet's last round: stop training
+    round: int
+    exchange_s: float = 0.0
+    waiting_s: float = 0.0
+    checkpoint_by_me: bool = False
+    data: dict[str, Any] | None = None  # every member's data position, for the fleet checkpoint
+
+
+class Heartbeat(threading.Thread):
+    """Tells the coordinator this island is alive, on a connection of its own."""
+
+    def __init__(self, cfg: FleetConfig, island: str, keys_prefix: str):
+        super().__init__(daemon=True, name="ostinato-heartbeat")
+        self.cfg, self.island, self.prefix = cfg, island, keys_prefix
+        self.status: dict[str, Any] = {"state": "starting"}
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        beat, keys = 0, None
+        while not self._stop.is_set():
+            try:
+                keys = keys or wire.Keys(wire.connect(self.cfg.coordinator, 5.0), self.prefix)
+                keys.put(f"hb/{self.island}", {**self.status, "n": beat, "time": time.time()})
+                beat += 1
+            except (RuntimeError, ValueError, dist.DistStoreError):
+                keys = None  # the coordinator restarts: reconnect on the next beat
+            self._stop.wait(self.cfg.heartbeat_s)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class FleetMember:
+    def __init__(self, cfg: FleetConfig, model: nn.Module, fingerprint: dict[str, Any]):
+        self.cfg, self.fingerprint = cfg, fingerprint
+        self.island = cfg.island
+        self.token = wire.fleet_token(cfg.token)
+        self.prefix = wire.namespace(self.token)
+        self.outer = OuterState(model, cfg)
+        self.feedback = ErrorFeedback(self.outer.numel, cfg.compression, cfg.block)
+        self.link = parse_link(cfg.link)
+        self.budget_kind, self.budget = budget_of(cfg)
+        self.round_have = 0  # last committed round whose global state this island holds
+        self.role = "member"
+        self.nonce = ""
+        self.keys: wire.Keys | None = None
+        self.epoch = None
+        self.heartbeat = Heartbeat(cfg, self.island, self.prefix)
+
+    @property
+    def active(self) -> bool:
+        """False once the fleet has finished its run."""
+        return self.role != "finished"
+
+    # --- joining ----------------------------------------------------------------------------
+
+    def start(self, model: nn.Module) -> None:
+        """Join the fleet; a joiner is healed by a donor before it trains."""
+        self._connect()
+        self.heartbeat.start()
+        self._knock(reconnect=False)
+        if self.role == "finished":
+            log.info("fleet: the fleet has already finished its run")
+        elif self.role == "joiner":
+            self._heal(model)
+
+    def _connect(self) -> None:
+        store = wire.connect(self.cfg.coordinator, self.cfg.connect_timeout_s)
+        self.keys = wire.Keys(store, self.prefix)
+        self.public = wire.Keys(store, "public")
+
+    def _knock(self, reconnect: bool) -> None:
+        self.nonce = secrets.token_hex(8)
+        knock = {
+            "island": self.island,
+            "nonce": self.nonce,
+            "mac": wire.knock_mac(self.token, self.island, self.nonce),
+            "fingerprint": self.fingerprint,
+            "round_have": self.round_have,
+            "reconnect": reconnect,
+        }
+        self.public.view.append(wire.KNOCK, json.dumps(knock) + "\n")
+        reply = self._wait_for(
+            lambda: self.public.get(f"reply/{self.island}/{self.nonce}"), "a reply"
+        )
+        if reply.get("finished"):
+            self.role = "finished"
+            return
+        if not reply["ok"]:
+            raise Refused(
+                f"the fleet coordinator refused island {self.island!r}: {reply['reason']}"
+            )
+        self.role = reply["role"]
+        self.epoch = self.keys.get("epoch")
+        log.info("fleet: joined as %s at round %d", self.role, reply["round"])
+
+    def _wait_for(self, probe, what: str, timeout: float | None = None):
+        deadline = time.monotonic() + (timeout or self.cfg.connect_timeout_s)
+        while time.monotonic() < deadline:
+            value = probe()
+            if value is not None:
+                return value
+            time.sleep(POLL_S)
+        raise TimeoutError(f"fleet: no {what} from the coordinator within the timeout")
+
+    def _heal(self, model: nn.Module) -> None:
+        """Receive the global parameters and outer state from the donor the coordinator names."""
+        self.heartbeat.status["state"] = "recovering"
+        order = self._wait_for(
+            lambda: self.keys.get(f"heal/{self.island}/{self.nonce}"), "donor", timeout=24 * 3600.0
+        )
+        group = self._group(f"healpg/{order['round']}/{self.island}", rank=1, size=2)
+        state = self.outer.as_tensor()
+        group.broadcast(state, 0).wait()
+        self.outer.load_tensor(state)
+        self.outer.load_into(model)
+        self.round_have, self.role = order["round"], "member"
+        log.info("fleet: healed from %s at round %d", order["donor"], self.round_have)
+
+    def _serve_heal(self, heal: dict[str, Any], round_number: int) -> None:
+        self.keys.put(
+            f"heal/{heal['island']}/{heal['nonce']}", {"round": round_number, "donor": self.island}
+        )
+        try:
+            group = self._group(f"healpg/{round_number}/{heal['island']}", rank=0, size=2)
+            group.broadcast(self.outer.as_tensor(), 0).wait()
+        except RuntimeError as exc:  # the joiner died: it will knock again
+            log.warning("fleet: healing %s failed (%s)", heal["island"], exc)
+
+    def _group(self, name: str, rank: int, size: int) -> dist.ProcessGroup:
+        store = dist.PrefixStore(f"{self.prefix}/{name}", self.keys.store)
+        return dist.ProcessGroupGloo(store, rank, size, timedelta(seconds=self.cfg.timeout_s))
+
+    # --- rounds -----------------------------------------------------------------------------
+
+    def round_due(self, steps_in_round: int, seconds_in_round: float) -> bool:
+        if self.budget_kind == "steps":
+            return steps_in_round >= self.budget
+        return seconds_in_round >= self.budget
+
+    def sync(self, model: nn.Module, tokens: int, data: dict[str, Any]) -> RoundOutcome:
+        """Take part in the next round until it commits (retrying attempts as members fail).
+
+        If the coordinator goes away, reconnect, say where this island stands, and go on.
+        """
+        while True:
+            try:
+                return self._sync_once(model, tokens, data)
+            except (dist.DistNetworkError, dist.DistStoreError) as exc:
+                log.warning("fleet: lost the coordinator (%s); reconnecting", str(exc)[:120])
+                self.outer.abort()
+                self._connect()
+                self._knock(reconnect=True)
+                if self.role != "member":
+                    return self._rejoin(model, self.outer.pseudo_gradient(model))
+
+    def _sync_once(self, model: nn.Module, tokens: int, data: dict[str, Any]) -> RoundOutcome:
+        self.heartbeat.status["state"] = "syncing"
+        number = self.round_have + 1
+        self.keys.put(f"ready/{number}/{self.island}", {"tokens": tokens, "data": data})
+        pseudo_gradient = self.outer.pseudo_gradient(model)
+        waited, tried = time.perf_counter(), -1
+        while True:
+            record = self.keys.get(f"round/{number}")
+            if (
+                record
+                and record.get("decision") == "commit"
+                and self.island not in record["members"]
+            ):
+                log.warning("fleet: round %d committed without this island", number)
+                self._knock(reconnect=True)
+                return self._rejoin(model, pseudo_gradient)
+            if record and record["attempt"] > tried and self.island in record["members"]:
+                if record.get("decision") is None:
+                    waiting_s = time.perf_counter() - waited
+                    outcome = self._attempt(model, pseudo_gradient, tokens, number, record)
+                    if outcome is not None:
+                        outcome.waiting_s += waiting_s
+                        return outcome
+                    waited = time.perf_counter()
+                tried = record["attempt"]
+            time.sleep(POLL_S)
+
+    def _attempt(self, model, pseudo_gradient, tokens, number, record) -> RoundOutcome | None:
+        attempt, members = record["attempt"], record["members"]
+        started = time.perf_counter()
+        packed = self.feedback.compress(pseudo_gradient)
+        count = torch.tensor([float(tokens)], dtype=torch.float64).view(torch.uint8)
+        mine = torch.cat([packed.to_bytes(), count])
+        try:
+            gathered = self._all_gather(mine, number, attempt, members)
+        except RuntimeError as exc:  # a peer died or stalled: report, then retry with survivors
+            log.warning("fleet: round %d attempt %d failed: %s", number, attempt, str(exc)[:200])
+            gathered = None
+        if gathered is None:
+            result = {"ok": False, "digest": None, "bytes_sent": 0, "tokens": tokens}
+        else:
+            digest = self.outer.tentative_step(self._average(gathered))
+            sent = mine.numel() * (len(members) - 1)
+            result = {"ok": True, "digest": digest, "bytes_sent": sent, "tokens": tokens}
+        exchange_s = time.perf_counter() - started
+        self.keys.put(
+            f"result/{number}/{attempt}/{self.island}", {**result, "exchange_s": exchange_s}
+        )
+        decision = self._wait_for(lambda: self._decision(number, attempt), "decision", 3600.0)
+        if decision.get("decision") != "commit":
+            self.outer.abort()
+            time.sleep(min(1.0, 0.05 * (attempt + 1)))  # back off before the retry
+            return None
+        self.outer.commit()
+        self.feedback.commit()
+        self.outer.load_into(model)
+        self.round_have = number
+        for heal in decision.get("heal", []):
+            if heal["donor"] == self.island:
+                self._serve_heal(heal, number)
+        return RoundOutcome(
+            committed=True,
+            final=decision.get("final", False),
+            round=number,
+            exchange_s=exchange_s,
+            checkpoint_by_me=decision.get("checkpoint_by") == self.island,
+            data=decision.get("data"),
+        )
+
+    def _decision(self, number: int, attempt: int) -> dict[str, Any] | None:
+        record = self.keys.get(f"round/{number}")
+        if record is None or record["attempt"] < attempt:
+            return None
+        if record["attempt"] > attempt:
+            return {"decision": "abort"}
+        return record if record.get("decision") else None
+
+    def _all_gather(self, mine: torch.Tensor, number: int, attempt: int, members: list[str]):
+        """Every member's packed pseudo-gradient, in member order, over the (shaped) link."""
+        group = self._group(f"pg/{number}/{attempt}", members.index(self.island), len(members))
+        gathered = [torch.empty_like(mine) for _ in members]
+        started = time.perf_counter()
+        group.allgather([gathered], [mine]).wait()
+        traffic = mine.numel() * (len(members) - 1)
+        self.link.pad(started, traffic, traffic)
+        return gathered
+
+    def _average(self, gathered: list[torch.Tensor]) -> torch.Tensor:
+        """Token-weighted mean, summed in member order so every member gets the same bits."""
+        weights = [float(raw[-8:].clone().view(torch.float64)) for raw in gathered]
+        total = sum(weights)
+        averaged = torch.zeros(self.outer.numel)
+        for raw, weight in zip(gathered, weights, strict=True):
+            peer = from_bytes(raw[:-8], self.outer.numel, self.cfg.compression, self.cfg.block)
+            averaged += (weight / total) * unpack(peer, self.cfg.block)
+        return averaged
+
+    def _rejoin(self, model, pseudo_gradient) -> RoundOutcome:
+        """This island is behind the fleet: keep its work for its next round, get healed."""
+        self.feedback.carry(pseudo_gradient)
+        if self.role == "finished":
+            return RoundOutcome(committed=False, final=True, round=self.round_have)
+        self._heal(model)
+        return RoundOutcome(committed=False, final=False, round=self.round_have)
+
+    def close(self) -> None:
+        self.heartbeat.status["state"] = "done"
+        self.heartbeat.stop()
