@@ -179,6 +179,10 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             f"data.seq_len = {cfg.data.seq_len}: must be <= model.max_seq_len ({cfg.model.max_seq_len})"
         )
     _check_budget(cfg.fleet, errors)
+    if cfg.fleet.block % 2:
+        errors.append(
+            f"fleet.block = {cfg.fleet.block}: must be even (4-bit values are packed in pairs)"
+        )
     if errors:
         raise ConfigError(_format_errors(path, errors))
     return cfg

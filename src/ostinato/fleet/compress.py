@@ -59,6 +59,8 @@ def pack(x: torch.Tensor, kind: str, block: int = 128) -> Packed:
         return Packed(kind, x.numel(), x.to(torch.bfloat16).view(torch.uint8), empty)
     if kind not in QMAX:
         raise ValueError(f"fleet.compression = {kind!r}: allowed values: {', '.join(KINDS)}")
+    if block % 2:
+        raise ValueError(f"fleet.block = {block}: must be even (4-bit values are packed in pairs)")
     rows = torch.nn.functional.pad(x, (0, _blocks(x.numel(), block) * block - x.numel()))
     rows = rows.view(-1, block)
     qmax = QMAX[kind]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,17 +60,26 @@ class Coordinator:
         self.started = time.monotonic()
         self.finished = False
         self._knock_offset = 0
-        self.keys.put("epoch", secrets.token_hex(8))
+        self._recall_committed_rounds()
 
     @property
     def port(self) -> int:
         return self.store.port
 
     def run(self) -> None:
-        """Serve until the final round is committed and every island has left."""
-        while not (self.finished and not self._alive()):
+        """Serve until the final round is committed and every island has left.
+
+        It lingers a while after that, so an island that restarts late is told the run is over
+        instead of finding nobody there.
+        """
+        quiet_since = None
+        while quiet_since is None or time.monotonic() - quiet_since < self.cfg.connect_timeout_s:
             self.tick()
             time.sleep(TICK_S)
+            if not (self.finished and not self._alive()):
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = time.monotonic()
 
     def tick(self) -> None:
         self._read_knocks()
@@ -79,6 +87,18 @@ class Coordinator:
         if self._settled():
             self._advance()
         self._publish_status()
+
+    def _recall_committed_rounds(self) -> None:
+        """A restarted coordinator continues from its own log of committed rounds."""
+        path = self.out / "rounds.jsonl" if self.out else None
+        if path is None or not path.exists():
+            return
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if records:
+            self.last_committed = records[-1]["round"]
+            self.last_members = records[-1]["members"]
+            self.round = RoundState(number=self.last_committed + 1)
+            log.info("coordinator: continuing after round %d (from %s)", self.last_committed, path)
 
     def _settled(self) -> bool:
         """After a (re)start, islands get a moment to (re-)knock before rounds are planned."""
@@ -93,27 +113,24 @@ class Coordinator:
     def _read_knocks(self) -> None:
         if not self.public.view.check([wire.KNOCK]):
             return
-        raw = self.public.view.get(wire.KNOCK).decode()
-        for line in raw[self._knock_offset :].splitlines():
-            self._answer(line)
-        self._knock_offset = len(raw)
+        raw = self.public.view.get(wire.KNOCK)  # bytes: anyone may append anything here
+        complete = raw[: raw.rfind(b"\n") + 1]
+        for line in complete[self._knock_offset :].split(b"\n"):
+            if line.strip():
+                self._answer(line.decode(errors="replace"))
+        self._knock_offset = len(complete)
 
     def _answer(self, line: str) -> None:
         try:
             knock = json.loads(line)
             island, nonce = str(knock["island"]), str(knock["nonce"])
-        except (ValueError, KeyError, TypeError):
+            reply = self._decide(island, nonce, knock)
+        except (ValueError, KeyError, TypeError, AttributeError):
             log.warning("coordinator: ignoring a malformed join request %r", line[:200])
             return
-        reply = self._decide(island, nonce, knock)
         self.public.put(f"reply/{island}/{nonce}", reply)
         if reply["ok"]:
-            log.info(
-                "coordinator: island %s joined as %s (%s)",
-                island,
-                reply["role"],
-                knock.get("why", ""),
-            )
+            log.info("coordinator: island %s joined as %s", island, reply["role"])
         else:
             log.warning("coordinator: refused island %s: %s", island, reply["reason"])
 
@@ -123,6 +140,10 @@ class Coordinator:
                 "ok": False,
                 "reason": "wrong fleet token (--fleet.token or OSTINATO_FLEET_TOKEN)",
             }
+        if not isinstance(knock.get("round_have", 0), int) or not isinstance(
+            knock.get("fingerprint", {}), dict
+        ):
+            raise TypeError("round_have must be an integer and fingerprint an object")
         previous = self.islands.get(island)
         if previous and self._is_alive(previous) and not knock.get("reconnect"):
             return {"ok": False, "reason": f"an island named {island!r} is already in the fleet"}
@@ -131,7 +152,7 @@ class Coordinator:
             return {"ok": False, "reason": problem}
         if self.finished:
             return {"ok": False, "reason": "the fleet has finished its run", "finished": True}
-        have = int(knock.get("round_have", 0))
+        have = knock.get("round_have", 0)
         if have > self.last_committed and not self.committed_here:
             self._learn_last_committed(have)
         role = "member" if have == self.last_committed else "joiner"

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 console = Console(highlight=False)
 
@@ -75,7 +76,8 @@ class LocalFleet:
         self.overrides, self.per_island = overrides, per_island
         self.resume, self.max_restarts = resume, max_restarts
         self.lines: queue.Queue = queue.Queue()
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # c10d logs every dropped store connection; a fleet expects those and reports them itself.
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "TORCH_CPP_LOG_LEVEL": "ERROR"}
         self.env.setdefault("OSTINATO_FLEET_TOKEN", secrets.token_hex(16))
         self.coordinator: subprocess.Popen | None = None
         self.islands: dict[str, IslandProcess] = {}
@@ -99,13 +101,19 @@ class LocalFleet:
             env=self.env,
             bufsize=1,
         )
-        first = self.coordinator.stdout.readline().strip()
-        if not first.startswith("coordinator on "):
-            rest = self.coordinator.stdout.read()
-            raise RuntimeError(f"the coordinator did not start: {first}\n{rest}")
+        seen = []
+        for line in iter(self.coordinator.stdout.readline, ""):  # log lines may come first
+            if line.startswith("coordinator on "):
+                break
+            seen.append(line)
+        else:
+            raise RuntimeError("the coordinator did not start:\n" + "".join(seen))
+        for earlier in seen:
+            self.lines.put(("coordinator", earlier.rstrip("\n")))
         threading.Thread(
             target=_pump, args=("coordinator", self.coordinator.stdout, self.lines), daemon=True
         ).start()
+        first = line.strip()
         return first.removeprefix("coordinator on ")
 
     def _fleet_overrides(self) -> list[str]:
@@ -168,7 +176,7 @@ class LocalFleet:
                 prefix, line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 return
-            console.print(f"[cyan]{prefix:>11}[/] {line}", markup=True, soft_wrap=True)
+            console.print(f"[cyan]{prefix:>11}[/] {escape(line)}", soft_wrap=True)
 
     def pids(self) -> dict[str, int]:
         return {name: i.process.pid for name, i in self.islands.items() if i.process}

@@ -85,7 +85,6 @@ class FleetMember:
         self.role = "member"
         self.nonce = ""
         self.keys: wire.Keys | None = None
-        self.epoch = None
         self.heartbeat = Heartbeat(cfg, self.island, self.prefix)
 
     @property
@@ -120,7 +119,8 @@ class FleetMember:
             "round_have": self.round_have,
             "reconnect": reconnect,
         }
-        self.public.view.append(wire.KNOCK, json.dumps(knock) + "\n")
+        # A leading newline ends whatever junk a stranger may have appended before us.
+        self.public.view.append(wire.KNOCK, "\n" + json.dumps(knock) + "\n")
         reply = self._wait_for(
             lambda: self.public.get(f"reply/{self.island}/{self.nonce}"), "a reply"
         )
@@ -132,7 +132,6 @@ class FleetMember:
                 f"the fleet coordinator refused island {self.island!r}: {reply['reason']}"
             )
         self.role = reply["role"]
-        self.epoch = self.keys.get("epoch")
         log.info("fleet: joined as %s at round %d", self.role, reply["round"])
 
     def _wait_for(self, probe, what: str, timeout: float | None = None):
@@ -147,9 +146,12 @@ class FleetMember:
     def _heal(self, model: nn.Module) -> None:
         """Receive the global parameters and outer state from the donor the coordinator names."""
         self.heartbeat.status["state"] = "recovering"
-        order = self._wait_for(
-            lambda: self.keys.get(f"heal/{self.island}/{self.nonce}"), "donor", timeout=24 * 3600.0
-        )
+
+        def new_order():
+            order = self.keys.get(f"heal/{self.island}/{self.nonce}")
+            return order if order and order["round"] > self.round_have else None
+
+        order = self._wait_for(new_order, "donor", timeout=24 * 3600.0)
         group = self._group(f"healpg/{order['round']}/{self.island}", rank=1, size=2)
         state = self.outer.as_tensor()
         group.broadcast(state, 0).wait()
@@ -203,6 +205,10 @@ class FleetMember:
         waited, tried = time.perf_counter(), -1
         while True:
             record = self.keys.get(f"round/{number}")
+            order = self.keys.get(f"heal/{self.island}/{self.nonce}")
+            if order and order["round"] > self.round_have:  # the fleet moved on without us
+                log.warning("fleet: the coordinator found this island behind the fleet")
+                return self._rejoin(model, pseudo_gradient)
             if (
                 record
                 and record.get("decision") == "commit"
@@ -285,7 +291,7 @@ class FleetMember:
     def _average(self, gathered: list[torch.Tensor]) -> torch.Tensor:
         """Token-weighted mean, summed in member order so every member gets the same bits."""
         weights = [float(raw[-8:].clone().view(torch.float64)) for raw in gathered]
-        total = sum(weights)
+        total = sum(weights) or 1.0
         averaged = torch.zeros(self.outer.numel)
         for raw, weight in zip(gathered, weights, strict=True):
             peer = from_bytes(raw[:-8], self.outer.numel, self.cfg.compression, self.cfg.block)

@@ -281,7 +281,9 @@ def run_steps(
             if island.member is not None and island.member.round_due(
                 rounds.steps, rounds.seconds()
             ):
-                if fleet_island.sync_round(cfg, island, place, out, rounds):
+                final = fleet_island.sync_round(cfg, island, place, out, rounds)
+                writer.last_saved_step = None  # the round changed the parameters
+                if final:
                     break
     finally:
         progress.close()

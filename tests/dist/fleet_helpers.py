@@ -1,0 +1,123 @@
+"""Running fleets as a user would, from tests: processes, their output, the coordinator's view."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from ostinato.checkpoint.reader import load_trained
+from ostinato.fleet.outer import digest, flatten
+from ostinato.fleet import wire
+from ostinato.train.metrics import read_metrics
+from tests.conftest import TINY, cli_env
+
+TOKEN = "test-fleet-token"
+FAST = [
+    "--fleet.heartbeat_s=0.2",
+    "--fleet.heartbeat_timeout_s=2",
+    "--fleet.timeout_s=5",
+    "--fleet.grace_s=2",
+    "--fleet.compression=int8",
+]
+
+
+def fleet_env() -> dict[str, str]:
+    return {**cli_env(), "OSTINATO_FLEET_TOKEN": TOKEN, "TORCH_CPP_LOG_LEVEL": "ERROR"}
+
+
+class Running:
+    """A process whose output lines are collected as they come."""
+
+    def __init__(self, command: list[str]):
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=fleet_env()
+        )
+        self.lines: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in iter(self.process.stdout.readline, ""):
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_for_line(self, prefix: str, timeout: float = 60) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                if prefix in line:
+                    return line
+            time.sleep(0.02)
+        raise AssertionError(f"no line with {prefix!r} in:\n{self.output[-3000:]}")
+
+    def wait(self, timeout: float = 200) -> int:
+        return self.process.wait(timeout=timeout)
+
+
+def ostinato(*args: str) -> list[str]:
+    return [sys.executable, "-m", "ostinato", *args]
+
+
+def fleet_local(out: Path, islands: int, *args: str) -> Running:
+    return Running(
+        ostinato(
+            "fleet",
+            "local",
+            "--config",
+            str(TINY),
+            "--out",
+            str(out),
+            "--islands",
+            str(islands),
+            *FAST,
+            *args,
+        )
+    )
+
+
+def status(address: str) -> dict:
+    return wire.Keys(wire.connect(address, 5), wire.namespace(TOKEN)).get("status") or {}
+
+
+def wait_until(predicate, timeout: float = 120, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def island_pid(name: str) -> int:
+    found = subprocess.run(["pgrep", "-f", f"fleet.island={name}"], capture_output=True, text=True)
+    pids = [int(p) for p in found.stdout.split()]
+    assert pids, f"no process for island {name}"
+    return pids[0]
+
+
+def kill(pid: int, sig: int = signal.SIGKILL) -> None:
+    os.kill(pid, sig)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def final_digests(out: Path, names: list[str]) -> dict[str, str]:
+    """Digest of each island's final parameters, as the fleet logs it in rounds.jsonl."""
+    return {name: digest(flatten(load_trained(out / name).model)) for name in names}
+
+
+def rounds(out: Path) -> list[dict]:
+    path = out / "rounds.jsonl"
+    return read_metrics(path) if path.exists() else []

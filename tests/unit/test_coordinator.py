@@ -1,0 +1,571 @@
+"""The coordinator alone, on a real TCPStore on 127.0.0.1 (port 0), driven tick by tick.
+
+The tests play the islands by writing the keys FleetMember writes (see member.py): knocks on the
+public "knock" key, heartbeats, ready marks and results under the token's namespace.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+import time
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import torch.distributed as dist
+from torch import nn
+
+from ostinato.config import FleetConfig
+from ostinato.fleet import wire
+from ostinato.fleet.coordinator import Coordinator
+from ostinato.fleet.member import FleetMember
+
+pytestmark = pytest.mark.timeout(60)
+
+TOKEN = "t"
+HB_TIMEOUT = 0.3  # also how long a fresh coordinator waits for islands before planning rounds
+FINGERPRINT = {
+    "model": {"dim": 64, "n_layers": 2, "vocab_size": 512},
+    "tokenizer": "0123456789abcdef",
+    "compression": "int8",
+    "block": 128,
+    "outer_lr": 0.7,
+    "outer_momentum": 0.9,
+    "rounds": 0,
+}
+
+
+def fleet_cfg(**overrides: Any) -> FleetConfig:
+    settings: dict[str, Any] = dict(
+        token=TOKEN,
+        heartbeat_timeout_s=HB_TIMEOUT,
+        grace_s=0.05,
+        min_islands=1,
+        expect=0,
+        checkpoint_every=0,
+        timeout_s=5.0,
+        connect_timeout_s=5.0,
+    )
+    settings.update(overrides)
+    return FleetConfig(**settings)
+
+
+def client(coordinator: Coordinator) -> dist.TCPStore:
+    return dist.TCPStore(
+        "127.0.0.1", coordinator.port, is_master=False, timeout=timedelta(seconds=10)
+    )
+
+
+class Island:
+    """One island, played by hand: writes what FleetMember writes."""
+
+    def __init__(self, coordinator: Coordinator, name: str, token: str = TOKEN):
+        self.name, self.token = name, token
+        self.connect(coordinator)
+        self.beats = 0
+        self.nonce = ""
+
+    def connect(self, coordinator: Coordinator) -> None:
+        store = client(coordinator)
+        self.keys = wire.Keys(store, wire.namespace(self.token))
+        self.public = wire.Keys(store, "public")
+
+    def send_knock(
+        self,
+        round_have: int = 0,
+        reconnect: bool = False,
+        fingerprint: dict[str, Any] | None = None,
+        mac_token: str | None = None,
+    ) -> str:
+        self.nonce = nonce = secrets.token_hex(8)
+        knock = {
+            "island": self.name,
+            "nonce": nonce,
+            "mac": wire.knock_mac(self.token if mac_token is None else mac_token, self.name, nonce),
+            "fingerprint": FINGERPRINT if fingerprint is None else fingerprint,
+            "round_have": round_have,
+            "reconnect": reconnect,
+        }
+        self.public.view.append(wire.KNOCK, json.dumps(knock) + "\n")
+        return nonce
+
+    def reply(self, nonce: str | None = None) -> dict[str, Any] | None:
+        return self.public.get(f"reply/{self.name}/{nonce or self.nonce}")
+
+    def knock(self, coordinator: Coordinator, **kwargs: Any) -> dict[str, Any]:
+        nonce = self.send_knock(**kwargs)
+        coordinator.tick()
+        reply = self.reply(nonce)
+        assert reply is not None, "the coordinator did not answer a knock"
+        return reply
+
+    def beat(self) -> None:
+        self.keys.put(f"hb/{self.name}", {"state": "training", "n": self.beats})
+        self.beats += 1
+
+    def ready(self, number: int, tokens: int = 100) -> None:
+        self.keys.put(f"ready/{number}/{self.name}", {"tokens": tokens, "data": {"pos": number}})
+
+    def result(
+        self, number: int, attempt: int, ok: bool = True, digest: str | None = "d1", tokens=100
+    ) -> None:
+        self.keys.put(
+            f"result/{number}/{attempt}/{self.name}",
+            {
+                "ok": ok,
+                "digest": digest if ok else None,
+                "bytes_sent": 1000 + len(self.name) if ok else 0,
+                "tokens": tokens,
+                "exchange_s": 0.25,
+            },
+        )
+
+
+def record(coordinator: Coordinator, number: int) -> dict[str, Any] | None:
+    return coordinator.keys.get(f"round/{number}")
+
+
+def drive(coordinator: Coordinator, beating: list[Island], until, timeout: float = 5.0):
+    """Tick the coordinator, with `beating` islands alive, until `until()` is truthy."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for island in beating:
+            island.beat()
+        coordinator.tick()
+        value = until()
+        if value:
+            return value
+        time.sleep(0.01)
+    raise AssertionError("the coordinator did not get there in time")
+
+
+def planned(coordinator: Coordinator, number: int, attempt: int):
+    """The record of round `number` attempt `attempt`, once it is planned (no decision yet)."""
+
+    def probe():
+        rec = record(coordinator, number)
+        if rec and rec["attempt"] == attempt and rec.get("decision") is None:
+            return rec
+        return None
+
+    return probe
+
+
+def decided(coordinator: Coordinator, number: int, attempt: int):
+    def probe():
+        rec = record(coordinator, number)
+        if rec and rec["attempt"] == attempt and rec.get("decision"):
+            return rec
+        return None
+
+    return probe
+
+
+def commit_round(coordinator, islands, number, attempt=0, digest="d1"):
+    """Every island ready for `number`; they all report ok with equal digests; it commits."""
+    for island in islands:
+        island.ready(number)
+    rec = drive(coordinator, islands, planned(coordinator, number, attempt))
+    assert rec["members"] == sorted(i.name for i in islands)
+    for island in islands:
+        island.result(number, attempt, digest=digest)
+    done = drive(coordinator, islands, decided(coordinator, number, attempt))
+    assert done["decision"] == "commit"
+    return done
+
+
+def rounds_log(tmp_path) -> list[dict[str, Any]]:
+    path = tmp_path / "rounds.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture
+def make_coordinator(tmp_path):
+    """Coordinators on free ports, all logging to the same run directory (as after a restart)."""
+
+    def make(**overrides: Any) -> Coordinator:
+        return Coordinator("127.0.0.1:0", fleet_cfg(**overrides), out=tmp_path)
+
+    return make
+
+
+# --- admission --------------------------------------------------------------------------------
+
+
+def test_wrong_token_is_refused_with_a_reason(make_coordinator):
+    coordinator = make_coordinator()
+    intruder = Island(coordinator, "x")
+    reply = intruder.knock(coordinator, mac_token="not-the-token")
+    assert reply["ok"] is False
+    assert "token" in reply["reason"]
+    assert "x" not in coordinator.islands
+    # a knock with no mac at all is refused the same way
+    intruder.public.view.append(wire.KNOCK, json.dumps({"island": "y", "nonce": "n1"}) + "\n")
+    coordinator.tick()
+    assert intruder.public.get("reply/y/n1")["ok"] is False
+    assert coordinator.islands == {}
+
+
+def test_second_island_with_the_same_name_is_refused(make_coordinator):
+    coordinator = make_coordinator()
+    first, second = Island(coordinator, "a"), Island(coordinator, "a")
+    assert first.knock(coordinator)["ok"] is True
+    first.beat()
+    reply = second.knock(coordinator)
+    assert reply["ok"] is False
+    assert "'a'" in reply["reason"] and "already" in reply["reason"]
+    assert coordinator.islands["a"].nonce == first.nonce
+    # once the first is gone (no heartbeat for heartbeat_timeout_s), the name is free again
+    time.sleep(HB_TIMEOUT + 0.05)
+    assert second.knock(coordinator)["ok"] is True
+
+
+def test_mismatched_island_is_refused_naming_each_field(make_coordinator):
+    coordinator = make_coordinator()
+    assert Island(coordinator, "a").knock(coordinator)["ok"] is True
+    other = {
+        **FINGERPRINT,
+        "model": {**FINGERPRINT["model"], "dim": 128},
+        "tokenizer": "ffffffffffffffff",
+        "compression": "int4",
+    }
+    reply = Island(coordinator, "b").knock(coordinator, fingerprint=other)
+    assert reply["ok"] is False
+    reason = reply["reason"]
+    for name in ("model", "tokenizer", "compression"):
+        assert name in reason
+    for name in ("block", "outer_lr", "outer_momentum", "rounds"):
+        assert f"{name}:" not in reason
+    assert "'int4'" in reason and "'int8'" in reason and "ffffffffffffffff" in reason
+    assert "b" not in coordinator.islands
+    # one field differing is named alone
+    reply = Island(coordinator, "c").knock(coordinator, fingerprint={**FINGERPRINT, "block": 64})
+    assert reply["ok"] is False and "block" in reply["reason"]
+    assert "model" not in reply["reason"]
+
+
+def test_malformed_knocks_are_ignored(make_coordinator):
+    coordinator = make_coordinator()
+    poker = Island(coordinator, "a")
+    for line in (
+        "this is not json",
+        "{}",
+        '{"island": "a"}',
+        "[1, 2, 3]",
+        '"a string"',
+        "null",
+        "42",
+        '{"nonce": "n"}',
+        "{",
+        "",
+    ):
+        poker.public.view.append(wire.KNOCK, line + "\n")
+        coordinator.tick()
+    assert coordinator.islands == {}
+    reply = poker.knock(coordinator)
+    assert reply == {"ok": True, "role": "member", "round": 1}
+
+
+def test_invalid_utf8_on_the_knock_key_does_not_crash_the_coordinator(make_coordinator):
+    coordinator = make_coordinator()
+    poker = Island(coordinator, "a")
+    poker.public.view.append(wire.KNOCK, b"\xff\xfe not utf-8\n")
+    coordinator.tick()
+    assert poker.knock(coordinator)["ok"] is True
+
+
+@pytest.mark.parametrize("field", ["round_have", "fingerprint"])
+def test_authenticated_malformed_knock_does_not_crash_the_coordinator(make_coordinator, field):
+    coordinator = make_coordinator()
+    poker = Island(coordinator, "a")
+    knock = {
+        "island": "z",
+        "nonce": "n1",
+        "mac": wire.knock_mac(TOKEN, "z", "n1"),
+        "fingerprint": FINGERPRINT,
+        "round_have": 0,
+        field: "two" if field == "round_have" else ["not", "an", "object"],
+    }
+    poker.public.view.append(wire.KNOCK, json.dumps(knock) + "\n")
+    coordinator.tick()
+    reply = poker.public.get("reply/z/n1")
+    assert reply is None or reply["ok"] is False
+    assert poker.knock(coordinator)["ok"] is True
+
+
+def test_unterminated_junk_does_not_swallow_the_next_knock(make_coordinator):
+    coordinator = make_coordinator()
+    cfg = fleet_cfg(coordinator=f"127.0.0.1:{coordinator.port}", island="a", connect_timeout_s=1.5)
+    member = FleetMember(cfg, nn.Linear(2, 2), dict(FINGERPRINT))
+    member._connect()
+    errors: list[BaseException] = []
+
+    def knock() -> None:
+        try:
+            member._knock(reconnect=False)
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    junk = Island(coordinator, "x")
+    # the junk and the knock land between two ticks (a client appending junk in a loop makes
+    # that the common case)
+    junk.public.view.append(wire.KNOCK, "garbage without a newline")
+    thread = threading.Thread(target=knock, daemon=True)
+    thread.start()
+    while b"nonce" not in junk.public.view.get(wire.KNOCK):
+        time.sleep(0.005)
+    while thread.is_alive():
+        coordinator.tick()
+        time.sleep(0.01)
+    assert errors == [] and member.role == "member"
+
+
+# --- rounds -----------------------------------------------------------------------------------
+
+
+def test_two_ready_members_commit_and_log_the_round(make_coordinator, tmp_path):
+    coordinator = make_coordinator()
+    a, b = Island(coordinator, "a"), Island(coordinator, "b")
+    for island in (a, b):
+        assert island.knock(coordinator) == {"ok": True, "role": "member", "round": 1}
+    a.ready(1, tokens=100)
+    b.ready(1, tokens=300)
+    rec = drive(coordinator, [a, b], planned(coordinator, 1, 0))
+    assert rec == {"attempt": 0, "members": ["a", "b"]}
+    a.result(1, 0, digest="abc", tokens=100)
+    drive(coordinator, [a, b], lambda: coordinator.round.phase == "exchange")
+    coordinator.tick()
+    assert record(coordinator, 1).get("decision") is None  # one result is not enough
+    b.result(1, 0, digest="abc", tokens=300)
+    done = drive(coordinator, [a, b], decided(coordinator, 1, 0))
+    assert done["decision"] == "commit"
+    assert done["members"] == ["a", "b"]
+    assert done["heal"] == []
+    assert done["data"] == {"a": {"pos": 1}, "b": {"pos": 1}}
+    assert coordinator.last_committed == 1 and coordinator.round.number == 2
+    [logged] = rounds_log(tmp_path)
+    assert logged["round"] == 1 and logged["attempt"] == 0
+    assert logged["members"] == ["a", "b"]
+    assert logged["bytes_sent"] == {"a": 1001, "b": 1001}
+    assert logged["tokens"] == {"a": 100, "b": 300}
+    assert logged["exchange_s"] == 0.25
+    assert logged["digest"] == "abc"
+    # the next round goes on from there
+    commit_round(coordinator, [a, b], 2, digest="def")
+    assert [r["round"] for r in rounds_log(tmp_path)] == [1, 2]
+    assert coordinator.keys.get("status")["last_committed"] == 2
+
+
+@pytest.mark.parametrize("failure", ["digests-differ", "not-ok"])
+def test_a_bad_result_aborts_and_the_round_is_retried(make_coordinator, tmp_path, failure):
+    coordinator = make_coordinator()
+    a, b = Island(coordinator, "a"), Island(coordinator, "b")
+    a.knock(coordinator)
+    b.knock(coordinator)
+    a.ready(1)
+    b.ready(1)
+    drive(coordinator, [a, b], planned(coordinator, 1, 0))
+    a.result(1, 0, digest="d1")
+    if failure == "digests-differ":
+        b.result(1, 0, digest="d2")
+    else:
+        b.result(1, 0, ok=False)
+    # the abort record is written, then (the same tick) the next attempt waits for planning
+    aborted = drive(coordinator, [a, b], decided(coordinator, 1, 0))
+    assert aborted["decision"] == "abort" and aborted["members"] == ["a", "b"]
+    assert rounds_log(tmp_path) == []
+    rec = drive(coordinator, [a, b], planned(coordinator, 1, 1))
+    assert rec["members"] == ["a", "b"]
+    a.result(1, 1, digest="d3")
+    b.result(1, 1, digest="d3")
+    assert drive(coordinator, [a, b], decided(coordinator, 1, 1))["decision"] == "commit"
+    [logged] = rounds_log(tmp_path)
+    assert logged["round"] == 1 and logged["attempt"] == 1 and logged["digest"] == "d3"
+
+
+def test_a_silent_member_aborts_the_exchange_and_is_left_out(make_coordinator, tmp_path):
+    coordinator = make_coordinator()
+    a, b, c = Island(coordinator, "a"), Island(coordinator, "b"), Island(coordinator, "c")
+    for island in (a, b, c):
+        island.knock(coordinator)
+        island.ready(1)
+    drive(coordinator, [a, b, c], planned(coordinator, 1, 0))
+    a.result(1, 0)
+    b.result(1, 0)
+    # c stops beating mid-exchange: gone after heartbeat_timeout_s
+    started = time.monotonic()
+    aborted = drive(coordinator, [a, b], decided(coordinator, 1, 0))
+    assert time.monotonic() - started >= HB_TIMEOUT * 0.5  # not before c went quiet
+    assert aborted["decision"] == "abort"
+    rec = drive(coordinator, [a, b], planned(coordinator, 1, 1))
+    assert rec["members"] == ["a", "b"]
+    a.result(1, 1)
+    b.result(1, 1)
+    done = drive(coordinator, [a, b], decided(coordinator, 1, 1))
+    assert done["decision"] == "commit" and done["members"] == ["a", "b"]
+    assert rounds_log(tmp_path)[0]["members"] == ["a", "b"]
+
+
+def test_a_fresh_island_is_healed_by_a_member_never_becomes_the_donor(make_coordinator):
+    coordinator = make_coordinator()
+    a, b = Island(coordinator, "b"), Island(coordinator, "c")  # donor candidates
+    a.knock(coordinator)
+    b.knock(coordinator)
+    commit_round(coordinator, [a, b], 1)
+    # "a" sorts first, so if joiners could be members it would be picked as the donor
+    fresh = Island(coordinator, "a")
+    reply = fresh.knock(coordinator)
+    assert reply == {"ok": True, "role": "joiner", "round": 2}
+    fresh.ready(2)  # even a joiner that says it is ready is not a member of round 2
+    for island in (a, b):
+        island.ready(2)
+    rec = drive(coordinator, [a, b, fresh], planned(coordinator, 2, 0))
+    assert rec["members"] == ["b", "c"]
+    for island in (a, b):
+        island.result(2, 0)
+    done = drive(coordinator, [a, b, fresh], decided(coordinator, 2, 0))
+    assert done["decision"] == "commit"
+    [heal] = done["heal"]
+    assert heal["island"] == "a" and heal["nonce"] == fresh.nonce
+    assert heal["donor"] in done["members"] and heal["donor"] != "a"
+    # healed, it is a member of round 3
+    assert coordinator.islands["a"].role == "member"
+    for island in (a, b, fresh):
+        island.ready(3)
+    rec = drive(coordinator, [a, b, fresh], planned(coordinator, 3, 0))
+    assert rec["members"] == ["a", "b", "c"]
+
+
+def test_coordinator_restart_loses_and_repeats_no_round(make_coordinator, tmp_path):
+    first = make_coordinator()
+    a, b, c = Island(first, "a"), Island(first, "b"), Island(first, "c")
+    for island in (a, b, c):
+        island.knock(first)
+    commit_round(first, [a, b, c], 1)
+    commit_round(first, [a, b, c], 2)
+    # the coordinator restarts (here: on another port, with a fresh store); islands re-knock
+    second = make_coordinator()
+    for island in (a, b, c):
+        island.connect(second)
+    assert b.knock(second, round_have=2, reconnect=True) == {
+        "ok": True,
+        "role": "member",
+        "round": 3,
+    }
+    # one that missed round 2 (it holds round 1) must be healed
+    assert c.knock(second, round_have=1, reconnect=True)["role"] == "joiner"
+    assert a.knock(second, round_have=2, reconnect=True)["role"] == "member"
+    assert second.last_committed == 2 and second.round.number == 3
+    assert record(second, 1) is None and record(second, 2) is None
+    for island in (a, b, c):
+        island.ready(3)
+    rec = drive(second, [a, b, c], planned(second, 3, 0))
+    assert rec["members"] == ["a", "b"]
+    a.result(3, 0)
+    b.result(3, 0)
+    done = drive(second, [a, b, c], decided(second, 3, 0))
+    assert done["decision"] == "commit"
+    assert done["heal"] == [{"island": "c", "donor": "a", "nonce": c.nonce}]
+    assert [r["round"] for r in rounds_log(tmp_path)] == [1, 2, 3]
+
+
+def test_restart_learns_the_latest_round_whatever_the_knock_order(make_coordinator):
+    first = make_coordinator()
+    a, b = Island(first, "a"), Island(first, "b")
+    a.knock(first)
+    b.knock(first)
+    commit_round(first, [a, b], 1)
+    second = make_coordinator()
+    a.connect(second)
+    b.connect(second)
+    # the island behind knocks first: the coordinator's own log says round 1 was committed
+    assert b.knock(second, round_have=0, reconnect=True)["role"] == "joiner"
+    assert a.knock(second, round_have=1, reconnect=True) == {
+        "ok": True,
+        "role": "member",
+        "round": 2,
+    }
+    assert second.islands["b"].role == "joiner"
+    a.ready(2)
+    rec = drive(second, [a, b], planned(second, 2, 0))
+    assert rec["members"] == ["a"]
+
+
+def test_restart_never_tells_an_island_a_role_it_then_changes(make_coordinator):
+    first = make_coordinator()
+    a, b = Island(first, "a"), Island(first, "b")
+    a.knock(first)
+    b.knock(first)
+    commit_round(first, [a, b], 1)  # b crashed before reading this commit: it holds round 0
+    second = make_coordinator()
+    a.connect(second)
+    b.connect(second)
+    b_nonce = b.send_knock(round_have=0, reconnect=True)
+    second.tick()
+    a.knock(second, round_have=1, reconnect=True)
+    drive(second, [a, b], lambda: second._settled())
+    told = b.reply(b_nonce)
+    assert told is not None
+    assert told["role"] == second.islands["b"].role
+
+
+def test_restart_does_not_commit_a_round_twice(make_coordinator, tmp_path):
+    first = make_coordinator()
+    a, b = Island(first, "a"), Island(first, "b")
+    a.knock(first)
+    b.knock(first)
+    commit_round(first, [a, b], 1)  # b crashed before reading this commit: it holds round 0
+    second = make_coordinator()
+    a.connect(second)
+    b.connect(second)
+    b.knock(second, round_have=0, reconnect=True)
+    b.ready(1)
+    # a is in its inner steps: its heartbeat thread beats on the new store, it knocks later
+    deadline = time.monotonic() + 3 * HB_TIMEOUT + 0.5
+    while time.monotonic() < deadline:
+        a.beat()
+        b.beat()
+        second.tick()
+        rec = record(second, 1)
+        if rec and rec.get("decision") is None and "b" in rec["members"]:
+            b.result(1, rec["attempt"], digest="stale")
+        time.sleep(0.01)
+    a.knock(second, round_have=1, reconnect=True)
+    assert [r["round"] for r in rounds_log(tmp_path)] == [1]
+    assert second.last_committed == 1
+
+
+def test_grace_window_before_a_partial_round(make_coordinator):
+    grace = 0.5
+    coordinator = make_coordinator(grace_s=grace, min_islands=2)
+    a, b, c = Island(coordinator, "a"), Island(coordinator, "b"), Island(coordinator, "c")
+    for island in (a, b, c):
+        island.knock(coordinator)
+    # let the coordinator settle (it waits for re-knocks after a start) with nobody ready
+    drive(coordinator, [a, b, c], lambda: coordinator._settled())
+    a.ready(1)
+    b.ready(1)
+    started = time.monotonic()
+    drive(coordinator, [a, b, c], lambda: time.monotonic() - started > grace * 0.8)
+    assert record(coordinator, 1) is None  # no round before the grace window ends
+    rec = drive(coordinator, [a, b, c], planned(coordinator, 1, 0))
+    assert time.monotonic() - started >= grace
+    assert rec["members"] == ["a", "b"]
+
+
+def test_grace_window_needs_min_islands(make_coordinator):
+    coordinator = make_coordinator(grace_s=0.1, min_islands=2)
+    a, b = Island(coordinator, "a"), Island(coordinator, "b")
+    a.knock(coordinator)
+    b.knock(coordinator)
+    drive(coordinator, [a, b], lambda: coordinator._settled())
+    a.ready(1)
+    started = time.monotonic()
+    drive(coordinator, [a, b], lambda: time.monotonic() - started > 0.4)
+    assert record(coordinator, 1) is None  # one ready, two required: wait for b
+    b.ready(1)
+    assert drive(coordinator, [a, b], planned(coordinator, 1, 0))["members"] == ["a", "b"]
