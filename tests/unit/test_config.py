@@ -32,7 +32,7 @@ def test_every_bad_field_is_named_in_one_error():
     message = str(caught.value)
     assert "model.size = 'huge'" in message and "tiny, demo, small, 1b, 8b" in message
     assert "train.steps = -1" in message and ">= 1" in message
-    assert "train.lr = 'fast'" in message and "must be float" in message
+    assert "train.lr = 'fast'" in message and "must be a number" in message
     assert "data.nope: unknown key" in message and "seq_len" in message
     assert "[optim]: unknown section" in message
 

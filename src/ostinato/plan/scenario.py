@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ostinato.plan.errors import PlanError
+from ostinato.schema import apply_override, build_sections, option, parse_value, toml_value
 
 STRATEGIES = ("sync", "torchft", "fleet")
 # Bits per pseudo-gradient element on the wire; int8 and 4bit carry per-block scales, which add
@@ -25,19 +26,17 @@ STRATEGIES = ("sync", "torchft", "fleet")
 COMPRESSION_BITS = {"fp32": 32, "bf16": 16, "int8": 8, "4bit": 4}
 
 
-def _f(default: Any, help: str, **rules: Any) -> Any:
-    return field(default=default, metadata={"help": help, **rules})
-
-
 @dataclass
 class ModelSpec:
-    params: float = _f(8e9, "total parameters, every expert of a mixture of experts", gt=0)
-    active_params: float = _f(0.0, "parameters used per token (MoE); 0: all of them", ge=0)
-    n_layers: int = _f(0, "decoder layers, for the attention FLOPs (0: leave attention out)", ge=0)
-    dim: int = _f(0, "hidden size, for the attention FLOPs", ge=0)
-    seq_len: int = _f(8192, "tokens per training sequence", gt=0)
-    tokens: float = _f(1e12, "tokens to train on", gt=0)
-    batch_tokens: float = _f(4e6, "tokens per optimizer step, all islands together", gt=0)
+    params: float = option(8e9, "total parameters, every expert of a mixture of experts", gt=0)
+    active_params: float = option(0.0, "parameters used per token (MoE); 0: all of them", ge=0)
+    n_layers: int = option(
+        0, "decoder layers, for the attention FLOPs (0: leave attention out)", ge=0
+    )
+    dim: int = option(0, "hidden size, for the attention FLOPs", ge=0)
+    seq_len: int = option(8192, "tokens per training sequence", gt=0)
+    tokens: float = option(1e12, "tokens to train on", gt=0)
+    batch_tokens: float = option(4e6, "tokens per optimizer step, all islands together", gt=0)
 
     @property
     def flops_per_token(self) -> float:
@@ -49,48 +48,50 @@ class ModelSpec:
 
 @dataclass
 class HardwareSpec:
-    profile: str = _f("h100", "shipped profile name or path of a TOML profile")
-    chips: int = _f(1024, "chips in the whole run", gt=0)
-    islands: int = _f(1, "islands: groups of chips with a fast local link", gt=0)
-    mfu: float = _f(0.0, "model FLOP utilisation inside an island (0: the profile's)", ge=0, le=1)
-    inter_island_gbit_s: float = _f(100.0, "link between islands, Gbit/s per island", gt=0)
+    profile: str = option("h100", "shipped profile name or path of a TOML profile")
+    chips: int = option(1024, "chips in the whole run", gt=0)
+    islands: int = option(1, "islands: groups of chips with a fast local link", gt=0)
+    mfu: float = option(
+        0.0, "model FLOP utilisation inside an island (0: the profile's)", ge=0, le=1
+    )
+    inter_island_gbit_s: float = option(100.0, "link between islands, Gbit/s per island", gt=0)
 
 
 @dataclass
 class ReliabilitySpec:
-    chip_mtbf_hours: float = _f(0.0, "hours between crashes per chip (0: the profile's)", ge=0)
-    node_mtbf_hours: float = _f(0.0, "hours between host failures per node (0: none)", ge=0)
-    hang_mtbf_chip_hours: float = _f(0.0, "hours between hangs per chip (0: none)", ge=0)
-    sdc_mtbf_chip_hours: float = _f(
+    chip_mtbf_hours: float = option(0.0, "hours between crashes per chip (0: the profile's)", ge=0)
+    node_mtbf_hours: float = option(0.0, "hours between host failures per node (0: none)", ge=0)
+    hang_mtbf_chip_hours: float = option(0.0, "hours between hangs per chip (0: none)", ge=0)
+    sdc_mtbf_chip_hours: float = option(
         0.0, "hours between silent corruptions per chip (0: none)", ge=0
     )
-    hang_detect_s: float = _f(300.0, "seconds until a hang is declared a failure", ge=0)
-    sdc_detect_s: float = _f(
+    hang_detect_s: float = option(300.0, "seconds until a hang is declared a failure", ge=0)
+    sdc_detect_s: float = option(
         3600.0, "seconds of work a corruption spoils before a guard sees it", ge=0
     )
-    job_restart_s: float = _f(600.0, "seconds to restart the whole job (sync)", ge=0)
-    island_restart_s: float = _f(120.0, "seconds to restart one island (torchft, fleet)", ge=0)
+    job_restart_s: float = option(600.0, "seconds to restart the whole job (sync)", ge=0)
+    island_restart_s: float = option(120.0, "seconds to restart one island (torchft, fleet)", ge=0)
 
 
 @dataclass
 class StrategySpec:
-    kind: str = _f("sync", "how faults are survived", choices=STRATEGIES)
-    checkpoint_interval_s: float = _f(
+    kind: str = option("sync", "how faults are survived", choices=STRATEGIES)
+    checkpoint_interval_s: float = option(
         0.0, 'seconds of work between checkpoints (sync), or "optimal" (Young/Daly)', ge=0
     )
-    checkpoint_s: float = _f(30.0, "seconds a checkpoint blocks training (sync)", ge=0)
-    inner_steps: int = _f(500, "inner steps per round, H (fleet)", gt=0)
-    compression: str = _f(
+    checkpoint_s: float = option(30.0, "seconds a checkpoint blocks training (sync)", ge=0)
+    inner_steps: int = option(500, "inner steps per round, H (fleet)", gt=0)
+    compression: str = option(
         "int8", "pseudo-gradient encoding (fleet)", choices=tuple(COMPRESSION_BITS)
     )
 
 
 @dataclass
 class RunSpec:
-    trials: int = _f(400, "Monte Carlo trials", gt=0)
-    seed: int = _f(0, "seed of the Monte Carlo draws", ge=0)
-    deadline_hours: float = _f(0.0, "deadline for p_finish_by_deadline (0: none)", ge=0)
-    price_per_chip_hour: float = _f(0.0, "price of one chip-hour (0: cost unknown)", ge=0)
+    trials: int = option(400, "Monte Carlo trials", gt=0)
+    seed: int = option(0, "seed of the Monte Carlo draws", ge=0)
+    deadline_hours: float = option(0.0, "deadline for p_finish_by_deadline (0: none)", ge=0)
+    price_per_chip_hour: float = option(0.0, "price of one chip-hour (0: cost unknown)", ge=0)
 
 
 @dataclass
@@ -136,32 +137,19 @@ def read_raw(path: str | None, preset: str | None) -> dict[str, Any]:
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """`section.key=value` strings, values in TOML syntax (a bare word is taken as a string)."""
-    out = copy.deepcopy(raw)
+    out, errors = copy.deepcopy(raw), []
     for item in overrides:
-        key, sep, text = item.removeprefix("--").partition("=")
-        section, dot, name = key.partition(".")
-        if not (sep and dot and name):
-            raise PlanError(
-                f"override {item!r}: expected section.key=value, e.g. hardware.chips=4096"
-            )
-        out.setdefault(section, {})[name] = parse_value(text)
+        apply_override(out, item, errors)
+    if errors:
+        raise PlanError("; ".join(errors) + ", e.g. hardware.chips=4096")
     return out
-
-
-def parse_value(text: str) -> Any:
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text.strip()
 
 
 def sweep_points(sweeps: dict[str, list[Any]]) -> list[list[str]]:
     """Every combination of the swept values, each as a list of overrides."""
     keys = list(sweeps)
     combos = itertools.product(*(sweeps[k] for k in keys))
-    return [
-        [f"{k}={_toml_literal(v)}" for k, v in zip(keys, combo, strict=True)] for combo in combos
-    ]
+    return [[f"{k}={toml_value(v)}" for k, v in zip(keys, combo, strict=True)] for combo in combos]
 
 
 def parse_sweep(arg: str) -> tuple[str, list[Any]]:
@@ -177,18 +165,10 @@ def parse_sweep(arg: str) -> tuple[str, list[Any]]:
 def build(raw: dict[str, Any]) -> Scenario:
     """Check every field of the raw tables and build the Scenario; one error lists all problems."""
     errors: list[str] = []
-    for name, value in raw.items():
-        if name not in SECTIONS:
-            errors.append(f"[{name}]: unknown section; allowed: {', '.join(SECTIONS)}")
-        elif not isinstance(value, dict):
-            errors.append(f"[{name}]: must be a table of keys, got {value!r}")
-    sections = {
-        name: _build_section(
-            name, cls, raw.get(name) if isinstance(raw.get(name), dict) else {}, errors
-        )
-        for name, cls in SECTIONS.items()
-    }
-    scenario = Scenario(**sections)
+    strategy = raw.get("strategy")
+    if isinstance(strategy, dict) and strategy.get("checkpoint_interval_s") == "optimal":
+        raw = {**raw, "strategy": {**strategy, "checkpoint_interval_s": 0.0}}  # 0: Young/Daly
+    scenario = Scenario(**build_sections(raw, SECTIONS, errors))
     errors.extend(_cross_checks(scenario))
     if errors:
         raise PlanError("invalid scenario:\n  " + "\n  ".join(errors))
@@ -214,51 +194,8 @@ def _cross_checks(s: Scenario) -> list[str]:
     return errors
 
 
-def _build_section(name: str, cls: type, table: dict[str, Any], errors: list[str]) -> Any:
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    values = {}
-    for key, value in table.items():
-        if key not in fields:
-            errors.append(f"{name}.{key}: unknown key; allowed: {', '.join(fields)}")
-            continue
-        if key == "checkpoint_interval_s" and value == "optimal":
-            value = 0.0  # 0 means: use the Young/Daly optimum
-        problem = _check(fields[key], value)
-        if problem:
-            errors.append(f"{name}.{key} = {value!r}: {problem}")
-        else:
-            values[key] = {"float": float, "int": int}.get(str(fields[key].type), str)(value)
-    return cls(**values)
-
-
-def _check(f: dataclasses.Field, value: Any) -> str | None:
-    rules, kind = f.metadata, {"int": int, "float": float, "str": str}[str(f.type)]
-    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind is float and not numeric or kind is int and not (numeric and float(value).is_integer()):
-        return f"must be a number ({rules['help']})"
-    if kind is str and not isinstance(value, str):
-        return f"must be a string ({rules['help']})"
-    if "choices" in rules and value not in rules["choices"]:
-        return f"allowed values: {', '.join(rules['choices'])}"
-    if "gt" in rules and not value > rules["gt"]:
-        return f"must be > {rules['gt']} ({rules['help']})"
-    if "ge" in rules and not value >= rules["ge"]:
-        return f"must be >= {rules['ge']} ({rules['help']})"
-    if "le" in rules and not value <= rules["le"]:
-        return f"must be <= {rules['le']} ({rules['help']})"
-    return None
-
-
 def _parse_toml(text: str, origin: str) -> dict[str, Any]:
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise PlanError(f"{origin}: not valid TOML: {exc}") from None
-
-
-def _toml_literal(value: Any) -> str:
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, bool):
-        return str(value).lower()
-    return repr(value)
