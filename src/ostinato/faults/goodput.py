@@ -213,3 +213,13 @@ def _name_gaps(pieces, marks) -> list[tuple[float, float, str]]:
             category = "down" if restarts or struck else "idle"
         named.append((start, end, category))
     return named
+
+
+def summarize(run_or_fleet_dir: str | Path, title: str) -> Goodput:
+    """Account a finished run: goodput.json and timeline.png are kept in its directory."""
+    folder = Path(run_or_fleet_dir)
+    events = read_events(folder)
+    goodput = account(events)
+    (folder / "goodput.json").write_text(json.dumps(goodput.to_json(), indent=1))
+    draw_timeline(events, folder / "timeline.png", title)
+    return goodput

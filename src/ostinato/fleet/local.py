@@ -22,6 +22,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
+from ostinato.faults.goodput import render_table, summarize
+
 console = Console(highlight=False)
 
 
@@ -151,6 +153,11 @@ class LocalFleet:
                 self._check(island)
         self._drain(0.0)
         failed = [i.name for i in self.islands.values() if i.exits[-1] != 0]
+        goodput = summarize(self.out, f"fleet {self.out.name}")
+        render_table(goodput, console)
+        console.print(
+            f"fleet goodput {goodput.goodput:.1%}; timeline in {self.out / 'timeline.png'}"
+        )
         return 1 if failed else 0
 
     def _check(self, island: IslandProcess) -> None:

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from ostinato import hardware
 from ostinato.config import HardwareConfig
+from ostinato.faults.goodput import render_table
 from ostinato.train.trainer import TrainResult
 
 console = Console()
@@ -25,6 +26,10 @@ def print_result(result: TrainResult) -> None:
         "accuracy": ev.accuracy,
     }
     (result.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    if result.goodput is not None:
+        render_table(result.goodput, console)
+        summary["goodput"] = result.goodput.goodput
+        (result.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     console.rule("[bold]result")
     console.print(f"run directory   {result.run_dir}")
     console.print(f"steps           {result.step}")

@@ -33,6 +33,7 @@ from ostinato.config import Config, TrainConfig, save_config
 from ostinato.data.sources import Documents, load_documents
 from ostinato.data.stream import TokenStream, tokenize
 from ostinato.data.tokenizer import check_vocab, load_tokenizer, train_tokenizer
+from ostinato.faults.goodput import Goodput, summarize
 from ostinato.fleet import island as fleet_island
 from ostinato.fleet.member import FleetMember
 from ostinato.hardware import Placement
@@ -52,6 +53,7 @@ class TrainResult:
     final_loss: float | None
     parameter_digest: str  # of this rank's final parameters
     evaluation: Evaluation = field(default_factory=Evaluation)
+    goodput: Goodput | None = None  # where this run's wall-clock time went (rank 0)
 
 
 @dataclass
@@ -101,7 +103,8 @@ def _train(
     writer.last_saved_step = island.step if resume_from else None
     if place.is_main:
         island.events = EventLog(out / "events.jsonl", cfg.fleet.island)
-        if resume_from or island.member is not None:
+        rejoined = island.member is not None and island.member.round_have > 0
+        if resume_from or rejoined:  # a fresh start is not recovery; a restart is
             island.events.span("recovery", recovery_started, time.time())
     try:
         final_loss = run_steps(cfg, island, place, writer, out, show_progress)
@@ -113,8 +116,9 @@ def _train(
     if dist.is_initialized():
         dist.barrier()
     evaluation = evaluate(cfg, island) if place.is_main else Evaluation()
+    goodput = summarize(out, f"run {out.name}") if place.is_main else None
     digest = parameter_digest(island.model)
-    return TrainResult(out, island.step, final_loss, digest, evaluation)
+    return TrainResult(out, island.step, final_loss, digest, evaluation, goodput)
 
 
 def build_island(
