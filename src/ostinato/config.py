@@ -150,6 +150,21 @@ class FleetConfig:
 
 
 @dataclass
+class GuardsConfig:
+    nonfinite: bool = option(True, "skip a step whose loss or gradient norm is NaN or infinite")
+    max_nonfinite: int = option(
+        3, "skipped steps in a row before rolling back to the last checkpoint", ge=1
+    )
+
+
+@dataclass
+class FaultsConfig:
+    schedule: str = option(
+        "", "faults injected into this run, e.g. nan@step=70 (see ostinato.faults.spec)"
+    )
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -157,6 +172,8 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     fleet: FleetConfig = field(default_factory=FleetConfig)
+    guards: GuardsConfig = field(default_factory=GuardsConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -169,6 +186,8 @@ SECTIONS: dict[str, type] = {
     "checkpoint": CheckpointConfig,
     "hardware": HardwareConfig,
     "fleet": FleetConfig,
+    "guards": GuardsConfig,
+    "faults": FaultsConfig,
 }
 
 

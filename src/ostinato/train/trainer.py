@@ -28,17 +28,19 @@ from ostinato.checkpoint.state import (
     rng_state,
     tensor_state,
 )
-from ostinato.checkpoint.store import CheckpointWriter
+from ostinato.checkpoint.store import CheckpointWriter, latest_good
 from ostinato.config import Config, TrainConfig, save_config
 from ostinato.data.sources import Documents, load_documents
 from ostinato.data.stream import TokenStream, tokenize
 from ostinato.data.tokenizer import check_vocab, load_tokenizer, train_tokenizer
 from ostinato.faults.goodput import Goodput, summarize
+from ostinato.faults.spec import parse_faults
 from ostinato.fleet import island as fleet_island
 from ostinato.fleet.member import FleetMember
 from ostinato.hardware import Placement
 from ostinato.model.llama import Llama
 from ostinato.train.evaluate import Evaluation, accuracy, validation_loss
+from ostinato.train.guards import NonFiniteGuard
 from ostinato.train.metrics import EventLog, MetricsLog, ProgressDisplay
 from ostinato.train.schedule import lr_at
 
@@ -69,6 +71,8 @@ class Island:
     step: int = 0
     member: FleetMember | None = None  # set when this island is part of a fleet
     events: EventLog | None = None
+    guard: NonFiniteGuard | None = None
+    nan_steps: frozenset[int] = frozenset()  # steps whose loss the `nan` fault poisons
 
     def checkpoint_tensors(self) -> dict[str, Any]:
         tensors = tensor_state(self.model, self.optimizer)
@@ -140,6 +144,8 @@ def build_island(
     optimizer = make_optimizer(model, cfg.train)
     init_optimizer_state(model, optimizer)
     island = Island(model, model, optimizer, stream, tokenizer, documents)
+    island.guard = NonFiniteGuard(cfg.guards)
+    island.nan_steps = injected_nan_steps(cfg)
     if cfg.fleet.coordinator:
         island.member = FleetMember(cfg.fleet, model, fleet_island.fingerprint(cfg, tokenizer))
     if resume_from is not None:
@@ -160,6 +166,20 @@ def build_island(
     if cfg.train.compile:
         island.step_model = torch.compile(island.step_model)
     return island
+
+
+def injected_nan_steps(cfg: Config) -> frozenset[int]:
+    """Steps of this island whose loss the fault schedule turns into NaN."""
+    if not cfg.faults.schedule:
+        return frozenset()
+    faults = parse_faults(cfg.faults.schedule, [cfg.fleet.island], steps=cfg.train.steps)
+    unsupported = sorted({f.kind for f in faults if f.kind != "nan" or f.step is None})
+    if unsupported:
+        raise ValueError(
+            f"faults.schedule: {', '.join(unsupported)} cannot be injected by `ostinato train` "
+            f"yet; it injects nan@step=N only (the chaos harness is not built yet)"
+        )
+    return frozenset(f.step for f in faults if f.island == cfg.fleet.island)
 
 
 def prepare_tokenizer(
@@ -195,8 +215,14 @@ def autocast_dtype(cfg: TrainConfig, place: Placement) -> torch.dtype | None:
     return torch.bfloat16 if wanted == "bf16" else None
 
 
-def train_step(cfg: TrainConfig, island: Island, place: Placement) -> tuple[float, float]:
-    """One optimizer step with gradient accumulation; returns (mean loss, gradient norm)."""
+def train_step(
+    cfg: TrainConfig, island: Island, place: Placement, poison: bool = False
+) -> tuple[float, float, str]:
+    """One optimizer step with gradient accumulation: (mean loss, gradient norm, guard verdict).
+
+    The step is applied only if the non-finite guard lets it through; `poison` injects a NaN
+    into the loss (the `nan` fault) to prove that it does not.
+    """
     lr = lr_at(island.step, cfg)
     for group in island.optimizer.param_groups:
         group["lr"] = lr
@@ -214,17 +240,35 @@ def train_step(cfg: TrainConfig, island: Island, place: Placement) -> tuple[floa
         autocast = torch.autocast(place.device.type, dtype=dtype, enabled=dtype is not None)
         with sync, autocast:
             loss = island.step_model(inputs, targets) / cfg.grad_accum
+            if poison:
+                loss = loss * float("nan")
         loss.backward()
         loss_sum += loss.detach()
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(island.model.parameters(), max_norm)
-    island.optimizer.step()
-    island.optimizer.zero_grad(set_to_none=True)
-    island.step += 1
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(island.model.parameters(), max_norm))
     if place.world_size > 1:
         dist.all_reduce(loss_sum)
         loss_sum /= place.world_size
-    return float(loss_sum), float(grad_norm)
+    island.step += 1
+    verdict = island.guard.verdict(island.step, float(loss_sum), grad_norm)
+    if verdict == "ok":
+        island.optimizer.step()
+    island.optimizer.zero_grad(set_to_none=True)
+    return float(loss_sum), grad_norm, verdict
+
+
+def roll_back(cfg: Config, island: Island, writer: CheckpointWriter, out: Path) -> None:
+    """Return the model and optimizer to the last good checkpoint; the data moves on."""
+    writer.wait()  # a save still in flight may be the newest good state
+    path = latest_good(out / "checkpoints")
+    if path is None:
+        log.warning("guard nonfinite: no checkpoint to roll back to; going on")
+        return
+    tensors = island.checkpoint_tensors()
+    meta = restore(
+        path, {k: v for k, v in tensors.items() if k != "outer_optimizer"}, cfg.to_dict()
+    )
+    log.warning("guard nonfinite: rolled back to step %d (%s)", meta["train_state"]["step"], path)
 
 
 def run_steps(
@@ -248,7 +292,10 @@ def run_steps(
     try:
         while island.step < cfg.train.steps if island.member is None else island.member.active:
             started, wall = time.perf_counter(), time.time()
-            loss, grad_norm = train_step(cfg.train, island, place)
+            poison = island.step + 1 in island.nan_steps
+            loss, grad_norm, verdict = train_step(cfg.train, island, place, poison)
+            if verdict == "rollback":
+                roll_back(cfg, island, writer, out)
             compute_s = time.perf_counter() - started
             if cfg.fleet.slowdown > 1:  # emulate a slower island: its compute takes longer
                 time.sleep((cfg.fleet.slowdown - 1) * compute_s)
@@ -268,6 +315,7 @@ def run_steps(
                 "compute_s": compute_s,
                 "checkpoint_stall_s": stall_s,
                 "recovery_s": 0.0,
+                "skipped": verdict != "ok",
             }
             if island.events is not None:
                 island.events.span("compute", wall, wall + compute_s)
