@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 err = Console(stderr=True, soft_wrap=True)  # error messages keep paths on one line
 OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
@@ -40,7 +41,7 @@ def user_errors(command):
         except ValueError as exc:
             if debug:
                 raise
-            err.print(f"[bold red]error:[/] {exc}", highlight=False)
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
             raise typer.Exit(2) from None
 
     return wrapper

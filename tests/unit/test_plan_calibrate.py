@@ -69,12 +69,29 @@ def test_island_run_is_predicted_back(tmp_path):
     write_island(tmp_path, island_rows())
     result = calibrate_run(str(tmp_path))
     measured, predicted = result["measured"], result["predicted"]
-    assert result["fitted"]["step_s"] == pytest.approx(COMPUTE)
+    assert result["fitted"]["step_s"] == pytest.approx(COMPUTE + OVERHEAD)  # the step's span
     assert result["fitted"]["recovery_s"] == pytest.approx(RECOVERY)
     assert result["fitted"]["checkpoint_s"] == pytest.approx(STALL)
     assert measured["interruptions"] == 3
     assert predicted["goodput"] == pytest.approx(measured["goodput"], abs=0.05)
     assert predicted["wall_s"] == pytest.approx(measured["wall_s"], rel=0.05)
+
+
+def test_island_goodput_file_is_the_measurement_and_its_gaps_are_idle(tmp_path):
+    # The run saw 0.02 s between each pair of steps that metrics.jsonl does not hold.
+    rows = island_rows()
+    steps_s = sum(r["step_s"] for r in rows)
+    island_s = steps_s + 0.02 * len(rows)
+    kept = 600 * (COMPUTE + OVERHEAD)
+    goodput = kept / island_s
+    write_island(tmp_path, rows)
+    recorded = {"wall_s": island_s, "island_s": island_s, "goodput": goodput}
+    (tmp_path / "goodput.json").write_text(json.dumps(recorded))
+    result = calibrate_run(str(tmp_path))
+    assert result["measured"] == {"wall_s": island_s, "goodput": goodput, "interruptions": 3}
+    assert result["fitted"]["idle_s"] == pytest.approx(0.02)
+    assert result["predicted"]["goodput"] == pytest.approx(goodput, abs=0.02)
+    assert result["predicted"]["wall_s"] == pytest.approx(island_s, rel=0.03)
 
 
 def write_fleet(root: Path, with_goodput: bool) -> None:
@@ -94,7 +111,8 @@ def write_fleet(root: Path, with_goodput: bool) -> None:
         write_island(root / name, rows)
     (root / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
     if with_goodput:
-        (root / "goodput.json").write_text(json.dumps({"goodput": 0.97, "compute": 60.0}))
+        recorded = {"wall_s": 40.0, "island_s": 80.0, "goodput": 0.97, "seconds": {}}
+        (root / "goodput.json").write_text(json.dumps(recorded))
 
 
 def test_fleet_run_is_predicted_back(tmp_path):
@@ -111,7 +129,27 @@ def test_fleet_run_is_predicted_back(tmp_path):
 
 def test_fleet_goodput_file_is_the_measurement(tmp_path):
     write_fleet(tmp_path, with_goodput=True)
-    assert calibrate_run(str(tmp_path))["measured"]["goodput"] == 0.97
+    assert calibrate_run(str(tmp_path))["measured"] == {
+        "wall_s": 40.0, "goodput": 0.97, "interruptions": 1}  # fmt: skip
+
+
+def test_fleet_as_the_coordinator_writes_it(tmp_path):
+    # bytes_sent per member, and commit times: 20 rounds 2.0 s apart, of which 1.1 s are steps.
+    write_fleet(tmp_path, with_goodput=False)
+    path = tmp_path / "rounds.jsonl"
+    rounds = [json.loads(line) for line in path.read_text().splitlines()]
+    for r in rounds:
+        r["bytes_sent"] = {m: 2e6 for m in r["members"]}
+        r["time"] = 1000.0 + 2.0 * r["round"] + (0.5 if r["round"] == 9 else 0.0)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rounds))
+    fitted = calibrate_run(str(tmp_path))["fitted"]
+    assert fitted["round_period_s"] == pytest.approx(2.0)  # the median ignores round 9's delay
+    assert fitted["exchange_s"] == pytest.approx(2.0 - 10 * (COMPUTE + OVERHEAD))
+    assert fitted["link_bytes_per_s"] == pytest.approx(4e6)
+    rounds[0]["bytes_sent"] = {"a": "many"}
+    path.write_text("".join(json.dumps(r) + "\n" for r in rounds))
+    with pytest.raises(PlanError, match="bytes_sent"):
+        calibrate_run(str(tmp_path))
 
 
 def test_calibrate_command_prints_json(tmp_path, capsys):

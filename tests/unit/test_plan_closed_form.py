@@ -10,19 +10,26 @@ from ostinato.plan.closed_form import (
     first_order_waste,
     young_interval,
 )
-from ostinato.plan.costs import Costs, FaultKind
+from ostinato.plan.costs import Costs, FaultKind, IslandCosts
 
 pytestmark = pytest.mark.timeout(60)
 
 
-def sync_costs(**kw) -> Costs:
-    base = dict(
-        strategy="sync", chips=8, islands=1, failing_units=1, unit_rate_per_s=1 / 3600,
-        kinds=(FaultKind("crash", 1.0, 0.0),), restart_s=60.0, step_s=1.0, exchange_s=0.0,
-        inner_steps=1, units_needed=36_000, checkpoint_interval_s=600.0, checkpoint_s=10.0,
-        bytes_per_unit=0.0, power_w=700.0, price_per_chip_hour=0.0,
+def sync_costs(strategy="sync", islands=1, unit_rate_per_s=1 / 3600, restart_s=60.0,
+               step_s=1.0, exchange_s=0.0, inner_steps=1, units_needed=36_000,
+               checkpoint_interval_s=600.0, checkpoint_s=10.0) -> Costs:  # fmt: skip
+    """Identical islands of one token per step. For sync, the rate and restart are the job's and
+    units are steps; otherwise they are one island's and units are island-rounds."""
+    island = IslandCosts(
+        profile="x", count=islands, chips=8, rate_per_s=unit_rate_per_s / (1 if strategy != "sync" else islands),
+        kinds=(FaultKind("crash", 1.0, 0.0),), restart_s=restart_s, step_s=step_s,
+        steps=inner_steps, tokens_per_step=1.0, power_w=700.0, price_per_chip_hour=0.0,
     )  # fmt: skip
-    return Costs(**{**base, **kw})
+    per_unit = inner_steps * (islands if strategy == "sync" else 1)
+    return Costs(strategy=strategy, groups=(island,), exchange_s=exchange_s,
+                 tokens=units_needed * per_unit, job_restart_s=restart_s,
+                 checkpoint_interval_s=checkpoint_interval_s, checkpoint_s=checkpoint_s,
+                 bytes_per_unit=0.0)  # fmt: skip
 
 
 def test_young_and_daly_match_the_facts_example():
@@ -66,7 +73,7 @@ def test_fleet_island_chain_by_hand():
     # Rounds of 100 s, restart 150 s: a failure at t misses ceil((t + 150) / 100) rounds, i.e.
     # 2 rounds, or 3 when t > 50 s.
     lam, u = 1 / 10_000, 100.0
-    c = sync_costs(strategy="fleet", islands=4, failing_units=4, unit_rate_per_s=lam,
+    c = sync_costs(strategy="fleet", islands=4, unit_rate_per_s=lam,
                    restart_s=150.0, step_s=9.0, exchange_s=10.0, inner_steps=10,
                    units_needed=4000, checkpoint_interval_s=0.0, checkpoint_s=0.0)  # fmt: skip
     q = math.exp(-lam * u)
@@ -83,7 +90,6 @@ def test_fleet_island_chain_by_hand():
 def test_torchft_voids_every_islands_step_on_a_failure():
     kw = dict(
         islands=10,
-        failing_units=10,
         unit_rate_per_s=1 / 600,
         restart_s=5.0,
         step_s=10.0,

@@ -3,7 +3,8 @@
 Two layouts are read. An island run directory holds metrics.jsonl (one object per inner step:
 step, step_s, compute_s, checkpoint_stall_s, recovery_s, tokens, ...) and config.toml. A fleet
 directory holds one such run directory per island plus rounds.jsonl (one object per committed
-round: round, attempt, members, bytes_sent, exchange_s, tokens, digest) and, optionally,
+round: round, attempt, members, bytes_sent (each member's, or one number), exchange_s, tokens,
+digest) and, optionally,
 goodput.json (`goodput` and island-seconds per category), which then is the measured goodput.
 The fitted machine treats each island as one "chip" whose peak is the measured FLOP/s.
 """
@@ -21,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ostinato.plan.closed_form import expected
-from ostinato.plan.costs import Costs, FaultKind
+from ostinato.plan.costs import Costs, FaultKind, IslandCosts
 from ostinato.plan.errors import PlanError
 
 METRIC_KEYS = ("step", "step_s", "compute_s", "checkpoint_stall_s", "recovery_s", "tokens")
@@ -91,51 +92,75 @@ def fit_island(metrics_path: Path) -> IslandFit:
     rows = _read_jsonl(metrics_path, METRIC_KEYS)
     last_seen = {r["step"]: i for i, r in enumerate(rows)}  # a rerun step replaces its first try
     plain = [r for r in rows if not r["recovery_s"] and not r["checkpoint_stall_s"]] or rows
+    overhead = max(0.0, statistics.fmean(r["step_s"] - r["compute_s"] for r in plain))
     return IslandFit(
         rows=len(rows),
         kept=len(last_seen),
         compute_s=statistics.fmean(r["compute_s"] for r in rows),
-        overhead_s=max(0.0, statistics.fmean(r["step_s"] - r["compute_s"] for r in plain)),
+        overhead_s=overhead,
         tokens=statistics.fmean(r["tokens"] for r in rows),
         wall_s=sum(r["step_s"] for r in rows),
         kept_work_s=sum(_work_s(rows[i]) for i in last_seen.values()),
         recoveries=[r["recovery_s"] for r in rows if r["recovery_s"] > 0],
-        stalls=[r["checkpoint_stall_s"] for r in rows if r["checkpoint_stall_s"] > 0],
+        # What a checkpoint adds to its step: the stall, and the step's time the stall leaves out.
+        stalls=[
+            max(r["checkpoint_stall_s"], r["step_s"] - r["compute_s"] - overhead - r["recovery_s"])
+            for r in rows
+            if r["checkpoint_stall_s"] > 0
+        ],
     )
 
 
 def _calibrate_island(root: Path) -> dict[str, Any]:
+    """One island as a sync job. When the run wrote goodput.json, that is the measurement, and
+    the time it saw outside any step (logging, evaluation) becomes idle time per step."""
     params, fpt = model_size(root / "config.toml")
     fit = fit_island(root / "metrics.jsonl")
-    unit_s = fit.compute_s + fit.overhead_s
-    progress = fit.kept * unit_s
+    recorded = _read_goodput(root)
+    idle_s = max(0.0, recorded["island_s"] - fit.wall_s) / fit.rows if recorded else 0.0
+    progress = fit.kept * (fit.compute_s + fit.overhead_s + idle_s)
+    rate = len(fit.recoveries) / fit.wall_s or NO_FAILURE_RATE
+    restart = statistics.fmean(fit.recoveries) if fit.recoveries else 0.0
+    # A hair over progress / checkpoints, so that rounding cannot add one more checkpoint.
+    interval = progress / len(fit.stalls) * (1 + 1e-9) if fit.stalls else progress
     costs = Costs(
         strategy="sync",
-        chips=1,
-        islands=1,
-        failing_units=1,
-        unit_rate_per_s=len(fit.recoveries) / fit.wall_s or NO_FAILURE_RATE,
-        kinds=(FaultKind("crash", 1.0, 0.0),),
-        restart_s=statistics.fmean(fit.recoveries) if fit.recoveries else 0.0,
-        step_s=fit.compute_s,
-        exchange_s=fit.overhead_s,
-        inner_steps=1,
-        units_needed=fit.kept,
-        checkpoint_interval_s=progress / len(fit.stalls) if fit.stalls else progress,
+        groups=(_fitted_island(1, rate, restart, fit.compute_s + fit.overhead_s, 1, fit.tokens),),
+        exchange_s=0.0,
+        tokens=fit.kept * fit.tokens,
+        job_restart_s=restart,
+        checkpoint_interval_s=interval,
         checkpoint_s=statistics.fmean(fit.stalls) if fit.stalls else 0.0,
         bytes_per_unit=0.0,
-        power_w=0.0,
-        price_per_chip_hour=0.0,
+        idle_s=idle_s,
     )
     measured = {
-        "wall_s": fit.wall_s,
-        "goodput": fit.kept_work_s / fit.wall_s,
+        "wall_s": recorded["island_s"] if recorded else fit.wall_s,
+        "goodput": recorded["goodput"] if recorded else fit.kept_work_s / fit.wall_s,
         "interruptions": len(fit.recoveries),
     }
-    return _result("island", 1, params, fpt, fit.tokens * fpt / fit.compute_s, costs, measured)
+    out = _result("island", 1, params, fpt, fit.tokens * fpt / fit.compute_s, costs, measured)
+    out["fitted"]["idle_s"] = idle_s
+    return out
+
+
+def _read_goodput(root: Path) -> dict[str, float] | None:
+    """goodput, island-seconds and wall seconds from the run's goodput.json, if it wrote one."""
+    path = root / "goodput.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        return {k: float(data[k]) for k in ("goodput", "island_s", "wall_s")}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise PlanError(f"{path}: needs numbers goodput, island_s and wall_s ({exc})") from None
 
 
 def _calibrate_fleet(root: Path, dirs: list[Path]) -> dict[str, Any]:
+    """Each island as its own kind with its measured step, so that the others wait for a slow
+    one as they did. A round lasts the slowest island's H steps plus what the run spent around
+    them (exchange, waiting for the round, checkpoints, gaps): the median time between commits
+    when rounds.jsonl records it, else the exchange alone."""
     params, fpt = model_size(dirs[0] / "config.toml")
     fits = [fit_island(d / "metrics.jsonl") for d in dirs]
     rounds = _read_jsonl(root / "rounds.jsonl", ("round", "members", "bytes_sent", "exchange_s"))
@@ -143,56 +168,97 @@ def _calibrate_fleet(root: Path, dirs: list[Path]) -> dict[str, Any]:
     # Rows, not distinct steps: an island healed from a donor may number its steps afresh.
     inner = max(1, round(sum(f.rows for f in fits) / island_rounds))
     exchange_s = statistics.fmean(r["exchange_s"] for r in rounds)
-    link = statistics.fmean(r["bytes_sent"] for r in rounds) / exchange_s if exchange_s else 0.0
+    sent = statistics.fmean(_bytes_per_island(r) for r in rounds)
     recoveries = [s for f in fits for s in f.recoveries]
-    compute_s = statistics.fmean(f.compute_s for f in fits)
-    overhead_s = statistics.fmean(f.overhead_s for f in fits)
+    rate = len(recoveries) / sum(f.wall_s for f in fits) or NO_FAILURE_RATE
+    restart = statistics.fmean(recoveries) if recoveries else 0.0
+    steps = [f.compute_s + f.overhead_s for f in fits]
+    period = _round_period(rounds)
+    around = max(0.0, period - inner * max(steps)) if period else exchange_s
+    groups = tuple(
+        _fitted_island(1, rate, restart, step, inner, f.tokens)
+        for f, step in zip(fits, steps, strict=True)
+    )
     costs = Costs(
         strategy="fleet",
-        chips=len(fits),
-        islands=len(fits),
-        failing_units=len(fits),
-        unit_rate_per_s=len(recoveries) / sum(f.wall_s for f in fits) or NO_FAILURE_RATE,
-        kinds=(FaultKind("crash", 1.0, 0.0),),
-        restart_s=statistics.fmean(recoveries) if recoveries else 0.0,
-        # Per-step overheads (data, logging) are time in the round that is not compute.
-        step_s=compute_s,
-        exchange_s=exchange_s + inner * overhead_s,
-        inner_steps=inner,
-        units_needed=island_rounds,
+        groups=groups,
+        exchange_s=around,
+        tokens=island_rounds / len(fits) * sum(g.tokens_per_unit for g in groups),
+        job_restart_s=restart,
         checkpoint_interval_s=0.0,
         checkpoint_s=0.0,
-        bytes_per_unit=statistics.fmean(r["bytes_sent"] for r in rounds),
-        power_w=0.0,
-        price_per_chip_hour=0.0,
+        bytes_per_unit=sent,
     )
     names = [d.name for d in dirs]
-    kept_work_s = island_rounds * inner * (compute_s + overhead_s)
+    kept_work_s = island_rounds * inner * statistics.fmean(steps)
     measured = _fleet_measured(root, names, fits, rounds, kept_work_s)
     measured["interruptions"] = len(recoveries)
+    compute_s = statistics.fmean(f.compute_s for f in fits)
     flops = statistics.fmean(f.tokens for f in fits) * fpt / compute_s
     out = _result("fleet", len(fits), params, fpt, flops, costs, measured)
-    out["fitted"].update(round_exchange_s=exchange_s, link_bytes_per_s=link)
+    out["fitted"].update(
+        step_s=statistics.fmean(steps),
+        round_exchange_s=exchange_s,
+        link_bytes_per_s=sent / exchange_s if exchange_s else 0.0,
+        round_period_s=period,
+    )
     return out
+
+
+def _round_period(rounds: list[dict]) -> float | None:
+    """Median seconds between the commits of consecutive rounds, robust to the few rounds a
+    failure stretched; None when rounds.jsonl carries no commit times."""
+    times = {r["round"]: r["time"] for r in rounds if isinstance(r.get("time"), int | float)}
+    gaps = [times[n] - times[n - 1] for n in times if n - 1 in times]
+    return statistics.median(gaps) if gaps else None
 
 
 def _fleet_measured(
     root: Path, names: list[str], fits: list[IslandFit], rounds: list[dict], kept_work_s: float
 ) -> dict[str, float]:
-    """Wall time: the busiest island's steps plus the exchanges it took part in. Goodput: from
-    goodput.json when the fleet wrote one, else the kept work (the steps of committed rounds and
-    their exchanges) over all islands' time."""
+    """From goodput.json when the fleet wrote one; else wall time is the busiest island's steps
+    plus the exchanges it took part in, and goodput the kept steps over all islands' time."""
+    recorded = _read_goodput(root)
+    if recorded:
+        return {"wall_s": recorded["wall_s"], "goodput": recorded["goodput"]}
     exchange = dict.fromkeys(names, 0.0)
     for r in rounds:
         for member in r["members"]:
             exchange[_island_name(member, names)] += r["exchange_s"]
     wall = max(f.wall_s + exchange[n] for f, n in zip(fits, names, strict=True))
-    goodput_file = root / "goodput.json"
-    if goodput_file.is_file():
-        goodput = float(json.loads(goodput_file.read_text())["goodput"])
-    else:
-        goodput = (kept_work_s + sum(exchange.values())) / (wall * len(fits))
-    return {"wall_s": wall, "goodput": goodput}
+    return {"wall_s": wall, "goodput": kept_work_s / (wall * len(fits))}
+
+
+def _fitted_island(
+    count: int, rate: float, restart_s: float, step_s: float, steps: int, tokens_per_step: float
+) -> IslandCosts:
+    """The measured machine as island kind: one "chip" per island, failing at the rate seen."""
+    return IslandCosts(
+        profile="fitted",
+        count=count,
+        chips=1,
+        rate_per_s=rate,
+        kinds=(FaultKind("crash", 1.0, 0.0),),
+        restart_s=restart_s,
+        step_s=step_s,
+        steps=steps,
+        tokens_per_step=tokens_per_step,
+        power_w=0.0,
+        price_per_chip_hour=0.0,
+    )
+
+
+def _bytes_per_island(record: dict[str, Any]) -> float:
+    """Bytes one member sent in a round: one number, or each member's as the coordinator writes
+    them ({"a": 169364, "b": 169364})."""
+    sent = record["bytes_sent"]
+    values = list(sent.values()) if isinstance(sent, dict) else [sent]
+    if not values or not all(isinstance(v, int | float) for v in values):
+        raise PlanError(
+            f"rounds.jsonl round {record.get('round')}: bytes_sent = {sent!r} must be a number "
+            "or a table of member -> number"
+        )
+    return statistics.fmean(values)
 
 
 def _work_s(row: dict[str, Any]) -> float:
@@ -218,7 +284,7 @@ def _result(
     costs: Costs,
     measured: dict[str, float],
 ) -> dict[str, Any]:
-    pred = expected(costs)
+    pred, island = expected(costs), costs.groups[0]
     return {
         "layout": layout,
         "islands": islands,
@@ -226,18 +292,20 @@ def _result(
         "flops_per_token": fpt,
         "fitted": {
             "effective_flops_per_island": flops,
-            "step_s": costs.step_s,
+            "step_s": island.step_s,
             "exchange_s": costs.exchange_s,
-            "inner_steps": costs.inner_steps,
-            "mtbf_island_hours": 1 / costs.unit_rate_per_s / 3600,
-            "recovery_s": costs.restart_s,
+            "inner_steps": island.steps,
+            "mtbf_island_hours": 1 / island.rate_per_s / 3600,
+            "recovery_s": island.restart_s,
             "checkpoint_s": costs.checkpoint_s,
             "checkpoint_interval_s": costs.checkpoint_interval_s or None,
         },
         "measured": measured,
         "predicted": {
             "wall_s": pred.wall_s,
-            "goodput": pred.goodput,
+            # As the run counts it (faults/goodput.py): step time over all islands' time; the
+            # exchange and the wait for a round are losses there, unlike in a plan.
+            "goodput": pred.shares["compute"],
             "interruptions": pred.interruptions,
         },
     }

@@ -46,16 +46,17 @@ def shipped_profiles() -> list[str]:
     return sorted(p.name[: -len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml"))
 
 
-def load_profile(name_or_path: str) -> Profile:
-    """A shipped profile by name (`h100`) or a user profile by path (`my-chip.toml`)."""
+def load_profile(name_or_path: str, field: str = "hardware.profile") -> Profile:
+    """A shipped profile by name (`h100`) or a user profile by path (`my-chip.toml`); `field` is
+    where the scenario named it, for the error."""
     if name_or_path.endswith(".toml") or "/" in name_or_path:
         path = Path(name_or_path)
         if not path.is_file():
-            raise PlanError(f"hardware.profile = {name_or_path!r}: no such file")
+            raise PlanError(f"{field} = {name_or_path!r}: no such file")
         return parse_profile(path.read_text(), origin=str(path))
     if name_or_path not in shipped_profiles():
         raise PlanError(
-            f"hardware.profile = {name_or_path!r}: unknown profile; allowed: "
+            f"{field} = {name_or_path!r}: unknown profile; allowed: "
             f"{', '.join(shipped_profiles())}, or the path of a TOML profile of your own"
         )
     text = (resources.files("ostinato.plan") / "profiles" / f"{name_or_path}.toml").read_text()

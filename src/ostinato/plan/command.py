@@ -3,10 +3,12 @@
 # typer reads this signature to build the flags; Optional[...] is kept as the CLI layer expects.
 # ruff: noqa: UP045
 
+import inspect
 import json
 from typing import Any, Optional
 
 from rich.console import Console
+from rich.markup import escape
 
 from ostinato.plan import report
 from ostinato.plan import scenario as sc
@@ -30,25 +32,37 @@ def plan(
     """Plan a training run before paying for it: time to train, goodput, failures, energy, cost.
 
     Describe the run in a scenario TOML file (tables model, hardware, reliability, strategy and
-    run), start from a shipped preset (llama3-405b, torchft-l40s, r2-on-ascend),
-    or both, and change any field with section.key=value overrides, e.g. hardware.chips=4096
-    strategy.kind="fleet". Three strategies are compared on the same chips: sync (data parallel
+    run), start from a shipped preset (llama3-405b, torchft-l40s, r2-on-ascend, mixed-h100-910c),
+    or both, and change any field with --section.key=value overrides, e.g. --hardware.chips=4096
+    --strategy.kind=fleet. Three strategies are compared on the same chips: sync (data parallel
     with checkpoint-restart), torchft (per-step fault tolerance) and fleet (ostinato's DiLoCo
     islands with H inner steps, compressed exchanges, and islands that rejoin from a donor).
+
+    Identical islands are hardware.profile, hardware.chips (all of them) and hardware.islands.
+    Islands of different kinds are [[islands]] tables of profile, chips (per island) and count,
+    each with its own mfu, inter_island_gbit_s, chip_mtbf_hours and price_per_chip_hour if wanted,
+    changed with islands.N.key=value. A fleet of such islands runs on a step budget (H steps each;
+    fast islands wait for the slowest) or, with strategy.budget="time", on a time budget (each
+    island trains as many steps as fit in the slowest island's H, weighted by its tokens).
 
     The answer comes from a closed form (Young/Daly, expected waste) and a seeded Monte Carlo that
     draws every failure; both are printed. It gives the expected time to train with its 95%
     interval, goodput and where the rest of the time goes, expected interruptions, the optimal
     checkpoint interval (Young, Daly and simulated), the bytes per second each island must send,
-    the chance of finishing by --deadline-hours, energy in MWh, and cost at --price-per-chip-hour.
+    the chance of finishing by --deadline-hours, energy in MWh, and cost at --price-per-chip-hour;
+    with several kinds of island, the same per kind.
 
     --sweep section.key=v1,v2 (repeatable) prints one row per combination; --json prints one JSON
     object; --plot FILE.png draws goodput against scale for each strategy; --calibrate RUN_DIR
     fits the machine an ostinato run (island or fleet directory) ran on and predicts that run back.
     Hardware profiles: h100, h200, h800, h20, a100, b200, l40s, ascend-910b, ascend-910c,
-    cloudmatrix-384, cpu-host, or hardware.profile="path/to/chip.toml".
+    cloudmatrix-384, cpu-host, or a path such as hardware.profile="path/to/chip.toml".
     """
     console = Console()
+    if scenario is not None and scenario.startswith("--"):
+        # The CLI hands the first --section.key=value to the optional scenario argument when no
+        # scenario file comes before it; no scenario file starts with "--".
+        scenario, overrides = None, [scenario.removeprefix("--"), *overrides]
     if calibrate is not None:
         from ostinato.plan.calibrate import calibrate_run, render_calibration
 
@@ -128,9 +142,18 @@ def draw_plot(base: sc.Scenario, path: str) -> None:
     ax.set_ylim(0, 1)
     ax.grid(True, alpha=0.3)
     ax.legend()
-    ax.set_title(
-        f"goodput against scale: {base.hardware.profile}, {base.model.params:.3g} parameters"
-    )
+    profiles = "+".join(dict.fromkeys(i.profile for i in base.islands))
+    ax.set_title(f"goodput against scale: {profiles}, {base.model.params:.3g} parameters")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _reflow(doc: str) -> str:
+    """The docstring with each paragraph on one line, so the CLI's help wraps it to the terminal
+    instead of breaking it where the source lines end; escaped, as the help is rich markup."""
+    paragraphs = inspect.cleandoc(doc).split("\n\n")
+    return escape("\n\n".join(" ".join(p.split()) for p in paragraphs))
+
+
+plan.__doc__ = _reflow(plan.__doc__ or "")

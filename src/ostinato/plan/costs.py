@@ -1,17 +1,19 @@
-"""From a scenario and a chip profile to the few numbers both models need: the unit costs.
+"""From a scenario and its chip profiles to the few numbers both models need: the unit costs.
 
 Everything the closed form and the Monte Carlo share is computed here once, so the two can only
-disagree about the statistics, never about the physics.
+disagree about the statistics, never about the physics. Islands may differ (profile, chips, link):
+each kind of island gets its own step time, failure rate and restart, and the run advances in
+units (a step for sync and torchft, a round for a fleet) that all islands start together.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ostinato.plan.chips import Profile, load_profile
 from ostinato.plan.errors import PlanError
-from ostinato.plan.scenario import COMPRESSION_BITS, Scenario
+from ostinato.plan.scenario import COMPRESSION_BITS, IslandSpec, Scenario
 
 # Mixed-precision AdamW holds bf16 weights and gradients (2 + 2 bytes), fp32 master weights (4)
 # and two fp32 moments (8) per parameter, sharded across the chips of an island.
@@ -36,115 +38,197 @@ class FaultKind:
 
 
 @dataclass(frozen=True)
-class Costs:
-    """Unit costs of one scenario. A unit of work is a step (sync) or an island-round (others)."""
+class IslandCosts:
+    """Unit costs of `count` identical islands."""
 
-    strategy: str
-    chips: int
-    islands: int
-    failing_units: int  # independent things that fail: the job (sync) or each island
-    unit_rate_per_s: float  # failure rate of one failing unit
+    profile: str
+    count: int
+    chips: int  # per island
+    rate_per_s: float  # failure rate of one island: the sum of its chips' rates
     kinds: tuple[FaultKind, ...]
-    restart_s: float  # downtime after any failure: restart, plus the state copy for islands
-    step_s: float  # compute of one inner step (the same on every island)
-    exchange_s: float  # exposed inter-island communication per step (sync, torchft) or round
-    inner_steps: int  # H: inner steps per round, 1 for sync and torchft
-    units_needed: float  # steps (sync) or island-rounds (torchft, fleet) to train every token
-    checkpoint_interval_s: float  # seconds of progress between checkpoints (sync)
-    checkpoint_s: float  # seconds a checkpoint blocks (sync)
-    bytes_per_unit: float  # bytes one island sends per step (sync, torchft) or round (fleet)
+    restart_s: float  # downtime after a failure (torchft, fleet): restart plus the state copy
+    step_s: float  # compute of one inner step
+    steps: int  # inner steps per unit: H or what fits the time budget (fleet), else 1
+    tokens_per_step: float
     power_w: float  # per chip
     price_per_chip_hour: float
 
     @property
-    def unit_s(self) -> float:
-        """Wall seconds of one unit of work without failures."""
-        return self.inner_steps * self.step_s + self.exchange_s
+    def compute_s(self) -> float:
+        return self.steps * self.step_s
 
     @property
-    def compute_share(self) -> float:
-        """Share of a unit that is computation rather than exposed communication."""
-        return self.inner_steps * self.step_s / self.unit_s
-
-    @property
-    def ideal_s(self) -> float:
-        """Wall seconds of pure computation for the whole run, all chips busy."""
-        per_island = self.units_needed / (1 if self.strategy == "sync" else self.islands)
-        return per_island * self.inner_steps * self.step_s
+    def tokens_per_unit(self) -> float:
+        return self.steps * self.tokens_per_step
 
     @property
     def mean_extra_s(self) -> float:
         return sum(k.share * k.extra_s for k in self.kinds)
 
+
+@dataclass(frozen=True)
+class Costs:
+    """Unit costs of one scenario. A unit is a step (sync, torchft) or a round (fleet) of all
+    islands together; for sync the failing unit is the whole job, otherwise each island."""
+
+    strategy: str
+    groups: tuple[IslandCosts, ...]
+    exchange_s: float  # exposed inter-island communication per unit
+    tokens: float  # tokens to train
+    job_restart_s: float  # downtime after any failure of the job (sync)
+    checkpoint_interval_s: float  # seconds of progress between checkpoints (sync)
+    checkpoint_s: float  # seconds a checkpoint blocks (sync)
+    bytes_per_unit: float  # bytes each island sends per unit
+    # Seconds per unit outside any step, lost as waiting: the gaps (logging, evaluation) that
+    # calibration measures in a recorded run; a planned run has none.
+    idle_s: float = 0.0
+
+    @property
+    def chips(self) -> int:
+        return sum(g.count * g.chips for g in self.groups)
+
+    @property
+    def islands(self) -> int:
+        return sum(g.count for g in self.groups)
+
+    @property
+    def unit_s(self) -> float:
+        """Wall seconds of one unit without failures: the slowest island's compute, then the
+        exchange (and, for a calibrated run, its idle gaps)."""
+        return max(g.compute_s for g in self.groups) + self.exchange_s + self.idle_s
+
+    @property
+    def units_needed(self) -> float:
+        """Units to train every token when no island fails."""
+        return self.tokens / sum(g.count * g.tokens_per_unit for g in self.groups)
+
+    @property
+    def compute_share(self) -> float:
+        """Share of the chips' time in a failure-free unit that is computation."""
+        busy = sum(g.count * g.chips * g.compute_s for g in self.groups)
+        return busy / (self.chips * self.unit_s)
+
+    @property
+    def job_rate_per_s(self) -> float:
+        """Failure rate of the whole job: any island failing."""
+        return sum(g.count * g.rate_per_s for g in self.groups)
+
+    @property
+    def job_kinds(self) -> tuple[FaultKind, ...]:
+        """Fault kinds of the whole job: each island kind's shares, weighted by its rate."""
+        shares: dict[tuple[str, float], float] = {}
+        for g in self.groups:
+            for k in g.kinds:
+                key = (k.name, k.extra_s)
+                shares[key] = shares.get(key, 0.0) + k.share * g.count * g.rate_per_s
+        return tuple(FaultKind(n, s / self.job_rate_per_s, x) for (n, x), s in shares.items())
+
+    @property
+    def job_extra_s(self) -> float:
+        return sum(k.share * k.extra_s for k in self.job_kinds)
+
     @property
     def inter_island_bytes_per_s(self) -> float:
         """Rate each island must sustain for its exchange to keep up with its computation."""
-        return self.bytes_per_unit / (self.inner_steps * self.step_s)
+        return self.bytes_per_unit / max(g.compute_s for g in self.groups)
 
 
-def derive(scenario: Scenario, profile: Profile | None = None) -> Costs:
+def derive(scenario: Scenario) -> Costs:
     """Unit costs of `scenario`; refuses a model whose training state does not fit an island."""
     from ostinato.plan.closed_form import daly_interval  # closed_form imports Costs
 
-    prof = profile or load_profile(scenario.hardware.profile)
-    _check_memory(scenario, prof)
-    hw, st, rel = scenario.hardware, scenario.strategy, scenario.reliability
-    sync = st.kind == "sync"
-    chip_flops = prof.peak_flops * (hw.mfu or prof.mfu)
-    step_s = scenario.model.batch_tokens * scenario.model.flops_per_token / (hw.chips * chip_flops)
-    exchange_s, bytes_per_unit = _exchange(scenario, step_s)
-    kinds, chip_rate = _fault_kinds(scenario, prof)
-    unit_chips = hw.chips if sync else hw.chips // hw.islands
-    rate = unit_chips * chip_rate
-    interval = st.checkpoint_interval_s
-    if sync and interval == 0:
-        interval = daly_interval(st.checkpoint_s, 1 / rate)
-    inner = st.inner_steps if st.kind == "fleet" else 1
-    steps = scenario.model.tokens / scenario.model.batch_tokens
-    return Costs(
+    profiles = [
+        load_profile(i.profile, scenario.field_name(n, "profile"))
+        for n, i in enumerate(scenario.islands)
+    ]
+    for n, (island, prof) in enumerate(zip(scenario.islands, profiles, strict=True)):
+        _check_memory(scenario, n, island, prof)
+    step_s = [_step_s(scenario, i, p) for i, p in zip(scenario.islands, profiles, strict=True)]
+    steps = _steps_per_unit(scenario.strategy, step_s)
+    exchange_s, bytes_per_unit = _exchange(scenario, max(step_s))
+    groups = tuple(
+        _island_costs(scenario, i, p, s, n)
+        for i, p, s, n in zip(scenario.islands, profiles, step_s, steps, strict=True)
+    )
+    st = scenario.strategy
+    costs = Costs(
         strategy=st.kind,
-        chips=hw.chips,
-        islands=hw.islands,
-        failing_units=1 if sync else hw.islands,
-        unit_rate_per_s=rate,
-        kinds=kinds,
-        restart_s=rel.job_restart_s if sync else rel.island_restart_s + _state_copy_s(scenario),
-        step_s=step_s,
+        groups=groups,
         exchange_s=exchange_s,
-        inner_steps=inner,
-        units_needed=steps if sync else steps * hw.islands / inner,
-        checkpoint_interval_s=interval if sync else 0.0,
-        checkpoint_s=st.checkpoint_s if sync else 0.0,
+        tokens=scenario.model.tokens,
+        job_restart_s=scenario.reliability.job_restart_s,
+        checkpoint_interval_s=st.checkpoint_interval_s if st.kind == "sync" else 0.0,
+        checkpoint_s=st.checkpoint_s if st.kind == "sync" else 0.0,
         bytes_per_unit=bytes_per_unit,
+    )
+    if st.kind == "sync" and costs.checkpoint_interval_s == 0:
+        interval = daly_interval(st.checkpoint_s, 1 / costs.job_rate_per_s)
+        costs = replace(costs, checkpoint_interval_s=interval)
+    return costs
+
+
+def _step_s(scenario: Scenario, island: IslandSpec, prof: Profile) -> float:
+    """Compute of one inner step. Every chip takes the same share of the batch, as data parallel
+    ranks do, so a step's time depends on the chip alone: batch FLOPs / (all chips x its FLOP/s)."""
+    batch_flops = scenario.model.batch_tokens * scenario.model.flops_per_token
+    return batch_flops / (scenario.chips * prof.peak_flops * (island.mfu or prof.mfu))
+
+
+def _steps_per_unit(strategy, step_s: list[float]) -> list[int]:
+    """Inner steps each island kind runs per unit. A fleet on a time budget gives every island
+    the slowest island's H steps of time; the small epsilon keeps that island at exactly H."""
+    if strategy.kind != "fleet":
+        return [1] * len(step_s)
+    if strategy.budget == "steps":
+        return [strategy.inner_steps] * len(step_s)
+    budget = strategy.inner_steps * max(step_s)
+    return [math.floor(budget / s + 1e-9) for s in step_s]
+
+
+def _island_costs(
+    scenario: Scenario, island: IslandSpec, prof: Profile, step_s: float, steps: int
+) -> IslandCosts:
+    kinds, chip_rate = _fault_kinds(scenario, island, prof)
+    return IslandCosts(
+        profile=prof.name,
+        count=island.count,
+        chips=island.chips,
+        rate_per_s=island.chips * chip_rate,
+        kinds=kinds,
+        restart_s=scenario.reliability.island_restart_s + _state_copy_s(scenario, island),
+        step_s=step_s,
+        steps=steps,
+        tokens_per_step=scenario.model.batch_tokens * island.chips / scenario.chips,
         power_w=prof.power_w,
-        price_per_chip_hour=scenario.run.price_per_chip_hour,
+        price_per_chip_hour=island.price_per_chip_hour,
     )
 
 
-def _check_memory(scenario: Scenario, prof: Profile) -> None:
-    hw, params = scenario.hardware, scenario.model.params
-    per_island = hw.chips // hw.islands
+def _check_memory(scenario: Scenario, index: int, island: IslandSpec, prof: Profile) -> None:
+    params = scenario.model.params
     need = params * STATE_BYTES_PER_PARAM
-    have = per_island * prof.memory_bytes * MEMORY_HEADROOM
+    have = island.chips * prof.memory_bytes * MEMORY_HEADROOM
     if need > have:
         least = math.ceil(need / (prof.memory_bytes * MEMORY_HEADROOM))
         raise PlanError(
             f"model.params = {params:.3g} does not fit: its training state takes {need / 1e12:.2f} TB "
             f"({STATE_BYTES_PER_PARAM} bytes per parameter: bf16 weights and gradients, fp32 master "
-            f"weights and two Adam moments), but an island of {per_island} {prof.name} holds "
+            f"weights and two Adam moments), but an island of {island.chips} {prof.name} holds "
             f"{have / 1e12:.2f} TB ({MEMORY_HEADROOM:.0%} of memory; activations need the rest). "
-            f"Use at least {least} chips per island (hardware.chips / hardware.islands), fewer "
+            f"Use at least {least} chips per island ({scenario.field_name(index, 'chips')}), fewer "
             f"islands, or a smaller model."
         )
 
 
 def _exchange(scenario: Scenario, step_s: float) -> tuple[float, float]:
-    """Exposed seconds and bytes per island of one exchange, by a ring all-reduce over islands."""
-    hw, params = scenario.hardware, scenario.model.params
-    if hw.islands == 1:
+    """Exposed seconds and bytes per island of one exchange, by a ring all-reduce over islands:
+    every island sends the same bytes, so the ring moves at its slowest link. `step_s` is the
+    slowest island's step, the earliest the all-reduce can end."""
+    n, params = scenario.island_count, scenario.model.params
+    if n == 1:
         return 0.0, 0.0  # communication inside an island is already in the MFU
-    ring = 2 * (hw.islands - 1) / hw.islands
-    link = hw.inter_island_gbit_s * 1e9 / 8
+    ring = 2 * (n - 1) / n
+    link = min(_link(i) for i in scenario.islands)
     if scenario.strategy.kind == "fleet":
         sent = ring * params * COMPRESSION_BITS[scenario.strategy.compression] / 8
         return sent / link, sent  # a round waits for its exchange to finish
@@ -152,16 +236,24 @@ def _exchange(scenario: Scenario, step_s: float) -> tuple[float, float]:
     return max(0.0, sent / link - BACKWARD_SHARE * step_s), sent
 
 
-def _state_copy_s(scenario: Scenario) -> float:
+def _link(island: IslandSpec) -> float:
+    return island.inter_island_gbit_s * 1e9 / 8
+
+
+def _state_copy_s(scenario: Scenario, island: IslandSpec) -> float:
+    """The state copy from a donor, at the slower of this island's link and the fastest donor's."""
     per_param = DONOR_BYTES_PER_PARAM if scenario.strategy.kind == "fleet" else HEAL_BYTES_PER_PARAM
-    link = scenario.hardware.inter_island_gbit_s * 1e9 / 8
+    donors = [_link(i) for i in scenario.islands if i is not island or i.count > 1]
+    link = min(_link(island), max(donors, default=_link(island)))
     return scenario.model.params * per_param / link
 
 
-def _fault_kinds(scenario: Scenario, prof: Profile) -> tuple[tuple[FaultKind, ...], float]:
+def _fault_kinds(
+    scenario: Scenario, island: IslandSpec, prof: Profile
+) -> tuple[tuple[FaultKind, ...], float]:
     """Fault kinds with their shares, and the total failure rate per chip per second."""
     rel = scenario.reliability
-    crash_per_h = 1 / (rel.chip_mtbf_hours or prof.mtbf_chip_hours)
+    crash_per_h = 1 / (island.chip_mtbf_hours or prof.mtbf_chip_hours)
     if rel.node_mtbf_hours:
         crash_per_h += 1 / (rel.node_mtbf_hours * prof.chips_per_node)
     hang_per_h = 1 / rel.hang_mtbf_chip_hours if rel.hang_mtbf_chip_hours else 0.0

@@ -7,11 +7,11 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from ostinato.plan.chips import load_profile
 from ostinato.plan.closed_form import LOSSES, WORK, daly_interval, expected, young_interval
-from ostinato.plan.costs import derive
-from ostinato.plan.scenario import Scenario
-from ostinato.plan.simulate import best_interval, simulate
+from ostinato.plan.costs import Costs, derive
+from ostinato.plan.errors import PlanError
+from ostinato.plan.scenario import Scenario, build
+from ostinato.plan.simulate import Simulation, best_interval, simulate
 
 # Trials for each point of the simulated checkpoint-interval search: a coarse optimum is enough.
 INTERVAL_SEARCH_TRIALS = 100
@@ -19,17 +19,16 @@ INTERVAL_SEARCH_TRIALS = 100
 
 def answer(scenario: Scenario) -> dict[str, Any]:
     """Everything `ostinato plan` reports for one scenario, in plain JSON-ready values."""
-    profile = load_profile(scenario.hardware.profile)
-    costs = derive(scenario, profile)
+    costs = derive(scenario)
     closed = expected(costs)
     sim = simulate(costs, scenario.run.trials, scenario.run.seed)
     hours = sim.mean_wall_s / 3600
-    chip_hours = costs.chips * hours
     deadline = scenario.run.deadline_hours
-    price = scenario.run.price_per_chip_hour
+    groups = _groups(costs, sim, hours)
+    priced = all(g["cost"] is not None for g in groups)
     out: dict[str, Any] = {
         "strategy": costs.strategy,
-        "profile": profile.name,
+        "profile": "+".join(dict.fromkeys(g.profile for g in costs.groups)),
         "chips": costs.chips,
         "islands": costs.islands,
         "time_to_train_hours": hours,
@@ -42,27 +41,62 @@ def answer(scenario: Scenario) -> dict[str, Any]:
         "rounds_committed": sim.committed,
         "interruptions": float(sim.interruptions.mean()),
         "interruptions_closed_form": closed.interruptions,
-        "mtbf_failing_unit_hours": 1 / costs.unit_rate_per_s / 3600,
+        "mtbf_failing_unit_hours": _failing_unit_mtbf_s(costs) / 3600,
         "p_finish_by_deadline": sim.p_within(deadline * 3600) if deadline else None,
         "deadline_hours": deadline or None,
-        "energy_mwh": chip_hours * profile.power_w / 1e6,
-        "cost": chip_hours * price if price else None,
-        "chip_hours": chip_hours,
+        "energy_mwh": sum(g["energy_mwh"] for g in groups),
+        "cost": sum(g["cost"] for g in groups) if priced else None,
+        "chip_hours": costs.chips * hours,
         "inter_island_bytes_per_s": costs.inter_island_bytes_per_s,
-        "step_s": costs.step_s,
+        "step_s": max(g.step_s for g in costs.groups),
         "exchange_s": costs.exchange_s,
-        "restart_s": costs.restart_s,
+        "restart_s": costs.job_restart_s if costs.strategy == "sync" else costs.groups[0].restart_s,
+        "budget": scenario.strategy.budget if costs.strategy == "fleet" else None,
+        "island_kinds": groups,
         "trials": len(sim.wall_s),
     }
     out.update(_intervals(costs, scenario))
     return out
 
 
-def _intervals(costs, scenario: Scenario) -> dict[str, Any]:
+def _groups(costs: Costs, sim: Simulation, hours: float) -> list[dict[str, Any]]:
+    """Per kind of island: its pace, share of the tokens, failures, energy and cost."""
+    tokens = sum(g.count * g.tokens_per_unit for g in costs.groups)
+    out = []
+    for g, failures in zip(costs.groups, sim.group_interruptions, strict=True):
+        chip_hours = g.count * g.chips * hours
+        price = g.price_per_chip_hour
+        out.append(
+            {
+                "profile": g.profile,
+                "count": g.count,
+                "chips_per_island": g.chips,
+                "step_s": g.step_s,
+                "inner_steps": g.steps,
+                "busy": g.compute_s / costs.unit_s,  # share of a failure-free unit it computes
+                "token_share": g.count * g.tokens_per_unit / tokens,
+                "mtbf_island_hours": 1 / g.rate_per_s / 3600,
+                "restart_s": g.restart_s,
+                "interruptions": failures,
+                "energy_mwh": chip_hours * g.power_w / 1e6,
+                "cost": chip_hours * price if price else None,
+            }
+        )
+    return out
+
+
+def _failing_unit_mtbf_s(costs: Costs) -> float:
+    """The job's MTBF for sync; otherwise an island's, on average over the islands."""
+    if costs.strategy == "sync":
+        return 1 / costs.job_rate_per_s
+    return costs.islands / costs.job_rate_per_s
+
+
+def _intervals(costs: Costs, scenario: Scenario) -> dict[str, Any]:
     """Checkpoint intervals: the one used, Young's, Daly's and the simulated best (sync only)."""
     if costs.strategy != "sync":
         return {"checkpoint_interval_s": None}
-    mtbf = 1 / costs.unit_rate_per_s
+    mtbf = 1 / costs.job_rate_per_s
     best = best_interval(costs, INTERVAL_SEARCH_TRIALS, scenario.run.seed)
     return {
         "checkpoint_interval_s": costs.checkpoint_interval_s,
@@ -74,9 +108,11 @@ def _intervals(costs, scenario: Scenario) -> dict[str, Any]:
 
 def render(result: dict[str, Any], console: Console, title: str = "plan") -> None:
     """One scenario as two tables: the headline figures and where the time goes."""
+    kinds = result["island_kinds"]
+    hardware = " + ".join(f"{k['count']} x {k['chips_per_island']} {k['profile']}" for k in kinds)
     head = Table(
-        title=f"{title}: {result['strategy']} on {result['chips']} {result['profile']}"
-        f" in {result['islands']} island(s)",
+        title=f"{title}: {result['strategy']} on {result['chips']} chips in "
+        f"{result['islands']} island(s) ({hardware})",
         show_header=False,
     )
     head.add_column(style="bold")
@@ -92,6 +128,29 @@ def render(result: dict[str, Any], console: Console, title: str = "plan") -> Non
         if share > 5e-4:
             losses.add_row(f"  {name}" if name in WORK else name, f"{share:.1%}")
     console.print(losses)
+    if len(kinds) > 1:
+        _render_kinds(kinds, console)
+
+
+def _render_kinds(kinds: list[dict[str, Any]], console: Console) -> None:
+    """One column per kind of island, so that a few kinds fit a narrow terminal."""
+    table = Table(title="islands by kind")
+    table.add_column("")
+    for k in kinds:
+        table.add_column(f"{k['count']} x {k['chips_per_island']} {k['profile']}", justify="right")
+    rows = {
+        "inner step": lambda k: f"{k['step_s']:.2f} s",
+        "inner steps per round": lambda k: str(k["inner_steps"]),
+        "busy (share of a round)": lambda k: f"{k['busy']:.1%}",
+        "share of the tokens": lambda k: f"{k['token_share']:.1%}",
+        "MTBF of one island": lambda k: _duration(k["mtbf_island_hours"]),
+        "interruptions": lambda k: f"{k['interruptions']:,.1f}",
+        "energy": lambda k: f"{k['energy_mwh']:,.1f} MWh",
+        "cost": lambda k: "-" if k["cost"] is None else f"{k['cost']:,.0f}",
+    }
+    for label, cell in rows.items():
+        table.add_row(label, *(cell(k) for k in kinds))
+    console.print(table)
 
 
 def _headline(r: dict[str, Any]) -> list[tuple[str, str]]:
@@ -154,21 +213,24 @@ def render_sweep(rows: list[tuple[dict[str, Any], dict[str, Any]]], console: Con
 
 
 def scale_curve(scenario: Scenario, strategy: str, factors: list[float]) -> list[tuple[int, float]]:
-    """(chips, closed-form goodput) as the run grows with islands of a fixed size; points that
-    make no sense (an island too small for the model) are left out."""
-    from ostinato.plan.errors import PlanError
-    from ostinato.plan.scenario import build
-
-    hw = scenario.hardware
-    per_island = hw.chips // hw.islands if hw.islands > 1 else max(1, hw.chips // 8)
+    """(chips, closed-form goodput) as the run grows by adding islands of each kind in proportion;
+    a single island is first cut into 8. Points that make no sense (an island too small for the
+    model) are left out."""
+    raw = scenario.to_raw()
+    raw["strategy"]["kind"] = strategy
+    kinds = raw["islands"]
+    if scenario.island_count == 1:
+        kinds[0].update(chips=max(1, kinds[0]["chips"] // 8), count=8)
+    base = [k["count"] for k in kinds]
     points = []
     for f in factors:
-        islands = max(2, round(hw.chips * f / per_island))
-        raw = scenario.to_dict()
-        raw["hardware"].update(chips=islands * per_island, islands=islands)
-        raw["strategy"]["kind"] = strategy
+        counts = [max(1, round(n * f)) for n in base]
+        counts[0] = max(counts[0], 2 - sum(counts[1:]))  # islands recover from one another
+        for kind, n in zip(kinds, counts, strict=True):
+            kind["count"] = n
         try:
-            points.append((islands * per_island, expected(derive(build(raw))).goodput))
+            s = build(raw)
+            points.append((s.chips, expected(derive(s)).goodput))
         except PlanError:
             continue
     return points

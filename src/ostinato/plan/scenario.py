@@ -4,6 +4,11 @@ A scenario is a TOML file with the sections below (every key optional), a preset
 presets/*.toml, or both (the file's keys win over the preset's), followed by `section.key=value`
 overrides. A preset may carry a [sweep] table of `"section.key" = [values]` that `plan` runs as a
 table. All problems are collected and raised as one PlanError that names every bad field.
+
+The hardware is either identical islands (hardware.profile, chips, islands) or a list of island
+kinds, `[[islands]]` tables of profile, chips (per island) and count, overridden as
+`islands.N.key=value`. Either way the built Scenario holds the list, with every figure that an
+island kind leaves at 0 taken from [hardware], [reliability] or [run].
 """
 
 from __future__ import annotations
@@ -17,10 +22,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ostinato.plan.chips import load_profile
 from ostinato.plan.errors import PlanError
 from ostinato.schema import apply_override, build_sections, option, parse_value, toml_value
 
 STRATEGIES = ("sync", "torchft", "fleet")
+BUDGETS = ("steps", "time")
+# The [hardware] keys that [[islands]] replaces; giving both is refused.
+UNIFORM_KEYS = ("profile", "chips", "islands")
 # Bits per pseudo-gradient element on the wire; int8 and 4bit carry per-block scales, which add
 # under 1% at the block sizes ostinato uses, so they are left out.
 COMPRESSION_BITS = {"fp32": 32, "bf16": 16, "int8": 8, "4bit": 4}
@@ -58,6 +67,27 @@ class HardwareSpec:
 
 
 @dataclass
+class IslandSpec:
+    profile: str = option("h100", "shipped profile name or path of a TOML profile")
+    chips: int = option(1024, "chips in each island of this kind", gt=0)
+    count: int = option(1, "islands of this kind", gt=0)
+    mfu: float = option(0.0, "model FLOP utilisation (0: hardware.mfu)", ge=0, le=1)
+    inter_island_gbit_s: float = option(
+        0.0, "link of each island to the others, Gbit/s (0: hardware.inter_island_gbit_s)", ge=0
+    )
+    chip_mtbf_hours: float = option(
+        0.0, "hours between crashes per chip (0: reliability.chip_mtbf_hours)", ge=0
+    )
+    price_per_chip_hour: float = option(
+        0.0, "price of one chip-hour (0: run.price_per_chip_hour)", ge=0
+    )
+
+
+ISLAND_KEYS = tuple(f.name for f in dataclasses.fields(IslandSpec))
+ISLAND_REQUIRED = ("profile", "chips")
+
+
+@dataclass
 class ReliabilitySpec:
     chip_mtbf_hours: float = option(0.0, "hours between crashes per chip (0: the profile's)", ge=0)
     node_mtbf_hours: float = option(0.0, "hours between host failures per node (0: none)", ge=0)
@@ -81,6 +111,12 @@ class StrategySpec:
     )
     checkpoint_s: float = option(30.0, "seconds a checkpoint blocks training (sync)", ge=0)
     inner_steps: int = option(500, "inner steps per round, H (fleet)", gt=0)
+    budget: str = option(
+        "steps",
+        "round budget of a fleet: steps (H inner steps each, fast islands wait for the slowest) "
+        "or time (the slowest island's H steps; faster islands fit in as many as they can)",
+        choices=BUDGETS,
+    )
     compression: str = option(
         "int8", "pseudo-gradient encoding (fleet)", choices=tuple(COMPRESSION_BITS)
     )
@@ -101,12 +137,40 @@ class Scenario:
     reliability: ReliabilitySpec = field(default_factory=ReliabilitySpec)
     strategy: StrategySpec = field(default_factory=StrategySpec)
     run: RunSpec = field(default_factory=RunSpec)
+    # Island kinds with every inherited figure filled in; build() always sets it.
+    islands: list[IslandSpec] = field(default_factory=list)
+    from_list: bool = False  # the user gave [[islands]] rather than the uniform [hardware] keys
 
-    def to_dict(self) -> dict[str, dict[str, Any]]:
-        return dataclasses.asdict(self)
+    @property
+    def chips(self) -> int:
+        return sum(i.chips * i.count for i in self.islands)
+
+    @property
+    def island_count(self) -> int:
+        return sum(i.count for i in self.islands)
+
+    def field_name(self, index: int, key: str) -> str:
+        """How the user wrote island kind `index`'s `key`, for error messages."""
+        if self.from_list:
+            return f"islands[{index}].{key}"
+        return {"chips": "hardware.chips / hardware.islands"}.get(key, f"hardware.{key}")
+
+    def to_raw(self) -> dict[str, Any]:
+        """Tables that build() turns back into this scenario, the islands as a list."""
+        raw: dict[str, Any] = dataclasses.asdict(self)
+        del raw["from_list"]
+        for key in UNIFORM_KEYS:
+            del raw["hardware"][key]
+        return raw
 
 
-SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Scenario)}
+SECTIONS: dict[str, type] = {
+    "model": ModelSpec,
+    "hardware": HardwareSpec,
+    "reliability": ReliabilitySpec,
+    "strategy": StrategySpec,
+    "run": RunSpec,
+}
 
 
 def shipped_presets() -> list[str]:
@@ -127,7 +191,9 @@ def read_raw(path: str | None, preset: str | None) -> dict[str, Any]:
     if path is not None:
         if not Path(path).is_file():
             raise PlanError(f"scenario file {path} does not exist")
-        for section, table in _parse_toml(Path(path).read_text(), path).items():
+        tables = _parse_toml(Path(path).read_text(), path)
+        _replace_preset_hardware(raw, tables)
+        for section, table in tables.items():
             if isinstance(table, dict) and isinstance(raw.get(section), dict):
                 raw[section] = {**raw[section], **table}
             else:
@@ -135,14 +201,51 @@ def read_raw(path: str | None, preset: str | None) -> dict[str, Any]:
     return raw
 
 
+def _replace_preset_hardware(preset: dict[str, Any], file: dict[str, Any]) -> None:
+    """The file's hardware replaces the preset's when it comes in the other form: [[islands]]
+    for identical islands, or identical islands for [[islands]]."""
+    hardware = preset.get("hardware")
+    if "islands" in file and isinstance(hardware, dict):
+        preset["hardware"] = {k: v for k, v in hardware.items() if k not in UNIFORM_KEYS}
+    file_hardware = file.get("hardware")
+    if isinstance(file_hardware, dict) and any(k in file_hardware for k in UNIFORM_KEYS):
+        preset.pop("islands", None)
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """`section.key=value` strings, values in TOML syntax (a bare word is taken as a string)."""
     out, errors = copy.deepcopy(raw), []
     for item in overrides:
-        apply_override(out, item, errors)
+        if item.removeprefix("--").startswith("islands."):
+            _override_island(out, item.removeprefix("--"), errors)
+        else:
+            apply_override(out, item, errors)
     if errors:
         raise PlanError("; ".join(errors) + ", e.g. hardware.chips=4096")
     return out
+
+
+def _override_island(raw: dict[str, Any], item: str, errors: list[str]) -> None:
+    """`islands.N.key=value`: set one key of the N-th (from 0) [[islands]] table."""
+    key, sep, text = item.partition("=")
+    parts = key.split(".")
+    islands = raw.get("islands")
+    count = len(islands) if isinstance(islands, list) else 0
+    if not count:
+        errors.append(
+            f"override {item!r}: the scenario has no [[islands]] tables; its identical islands "
+            "are changed with hardware.profile, hardware.chips and hardware.islands"
+        )
+        return
+    if not sep or len(parts) != 3 or not parts[1].isdigit() or int(parts[1]) >= count:
+        errors.append(
+            f"override {item!r}: expected islands.N.key=value with N from 0 to {count - 1} "
+            f"(the scenario has {count} [[islands]] tables) and key one of {', '.join(ISLAND_KEYS)}"
+        )
+        return
+    table = islands[int(parts[1])]
+    if isinstance(table, dict):
+        table[parts[2]] = parse_value(text)
 
 
 def sweep_points(sweeps: dict[str, list[Any]]) -> list[list[str]]:
@@ -168,29 +271,90 @@ def build(raw: dict[str, Any]) -> Scenario:
     strategy = raw.get("strategy")
     if isinstance(strategy, dict) and strategy.get("checkpoint_interval_s") == "optimal":
         raw = {**raw, "strategy": {**strategy, "checkpoint_interval_s": 0.0}}  # 0: Young/Daly
-    scenario = Scenario(**build_sections(raw, SECTIONS, errors))
+    tables = {k: v for k, v in raw.items() if k != "islands"}
+    scenario = Scenario(**build_sections(tables, SECTIONS, errors))
+    if "islands" in raw:
+        scenario.islands = _island_list(raw, errors)
+        scenario.from_list = True
+    else:
+        scenario.islands = _uniform_islands(scenario.hardware, errors)
+    scenario.islands = [_inherit(scenario, i) for i in scenario.islands]
     errors.extend(_cross_checks(scenario))
     if errors:
         raise PlanError("invalid scenario:\n  " + "\n  ".join(errors))
     return scenario
 
 
-def _cross_checks(s: Scenario) -> list[str]:
-    """Problems that involve more than one field; memory needs the profile and lives in costs."""
-    hw, errors = s.hardware, []
+def _uniform_islands(hw: HardwareSpec, errors: list[str]) -> list[IslandSpec]:
     if hw.islands > hw.chips:
         errors.append(f"hardware.islands = {hw.islands}: more islands than chips ({hw.chips})")
     elif hw.chips % hw.islands:
         errors.append(f"hardware.chips = {hw.chips}: must split evenly into {hw.islands} islands")
+    chips = max(1, hw.chips // hw.islands)
+    return [IslandSpec(profile=hw.profile, chips=chips, count=hw.islands)]
+
+
+def _island_list(raw: dict[str, Any], errors: list[str]) -> list[IslandSpec]:
+    """The [[islands]] tables, each checked like a section; refused beside the uniform keys."""
+    hardware = raw.get("hardware") if isinstance(raw.get("hardware"), dict) else {}
+    clash = [f"hardware.{k}" for k in UNIFORM_KEYS if k in hardware]
+    if clash:
+        errors.append(
+            f"{', '.join(clash)}: not allowed beside [[islands]]; give the hardware either as "
+            "hardware.profile, chips and islands (identical islands) or as [[islands]] tables "
+            "of profile, chips and count, not both"
+        )
+    tables = raw["islands"]
+    if not isinstance(tables, list) or not tables or not all(isinstance(t, dict) for t in tables):
+        errors.append(
+            f"islands = {tables!r}: must be one or more [[islands]] tables, each with "
+            f"{' and '.join(ISLAND_REQUIRED)} (count defaults to 1)"
+        )
+        return []
+    out = []
+    for n, table in enumerate(tables):
+        name = f"islands[{n}]"
+        missing = [k for k in ISLAND_REQUIRED if k not in table]
+        if missing:
+            errors.append(f"{name}: missing {', '.join(missing)}; keys: {', '.join(ISLAND_KEYS)}")
+        out.append(build_sections({name: table}, {name: IslandSpec}, errors)[name])
+    return out
+
+
+def _inherit(s: Scenario, island: IslandSpec) -> IslandSpec:
+    """The island kind with its zero figures taken from the scenario-wide ones."""
+    return dataclasses.replace(
+        island,
+        mfu=island.mfu or s.hardware.mfu,
+        inter_island_gbit_s=island.inter_island_gbit_s or s.hardware.inter_island_gbit_s,
+        chip_mtbf_hours=island.chip_mtbf_hours or s.reliability.chip_mtbf_hours,
+        price_per_chip_hour=island.price_per_chip_hour or s.run.price_per_chip_hour,
+    )
+
+
+def _cross_checks(s: Scenario) -> list[str]:
+    """Problems that involve more than one field; memory needs the profile and lives in costs."""
+    errors = _profile_errors(s)
     if s.model.active_params > s.model.params:
         errors.append(f"model.active_params = {s.model.active_params:g}: exceeds model.params")
-    if s.strategy.kind != "sync" and hw.islands < 2:
+    if s.strategy.kind != "sync" and s.island_count < 2:
+        where = "the sum of islands[N].count" if s.from_list else "hardware.islands"
         errors.append(
-            f"strategy.kind = {s.strategy.kind}: needs hardware.islands >= 2, since a failed "
-            "island recovers from a healthy one; with one island use kind = sync"
+            f"strategy.kind = {s.strategy.kind}: needs {where} >= 2, since a failed island "
+            "recovers from a healthy one; with one island use kind = sync"
         )
     if s.model.batch_tokens > s.model.tokens:
         errors.append("model.batch_tokens: larger than model.tokens; the run is not one step")
+    return errors
+
+
+def _profile_errors(s: Scenario) -> list[str]:
+    errors = []
+    for n, island in enumerate(s.islands):
+        try:
+            load_profile(island.profile, s.field_name(n, "profile"))
+        except PlanError as exc:
+            errors.append(str(exc))
     return errors
 
 
