@@ -79,14 +79,16 @@ def fleet_coordinator(
     """
     from ostinato.config import load_config
     from ostinato.fleet.coordinator import Coordinator
+    from ostinato.fleet.island import recipe_fingerprint
     from ostinato.fleet.wire import fleet_token
 
-    cfg = load_config(config, parse_overrides(ctx.args)).fleet
-    if not fleet_token(cfg.token):
+    full = load_config(config, parse_overrides(ctx.args))
+    if not fleet_token(full.fleet.token):
         raise ValueError(
             "the coordinator needs a fleet token: set OSTINATO_FLEET_TOKEN or --fleet.token"
         )
-    coordinator = Coordinator(bind, cfg, out)
+    recipe = recipe_fingerprint(full) if config else None
+    coordinator = Coordinator(bind, full.fleet, out, full.guards, recipe)
     print(f"coordinator on {bind.rpartition(':')[0]}:{coordinator.port}", flush=True)
     coordinator.run()
 
@@ -138,6 +140,45 @@ def fleet_local(
     per_island = parse_per_island(for_island or [], chosen)
     fleet = LocalFleet(config, out, chosen, overrides, per_island, resume, max_restarts)
     raise typer.Exit(fleet.run())
+
+
+@app.command(context_settings=OVERRIDES)
+@user_errors
+def chaos(
+    ctx: typer.Context,
+    config: Annotated[Path, typer.Option(help="TOML recipe for every island.")],
+    out: Annotated[Path, typer.Option(help="Fleet directory; chaos.json is written here.")],
+    faults: Annotated[
+        str,
+        typer.Option(
+            help="Schedule, e.g. 'crash@island=b,step=40; nan@step=70' or 'storm:mtbf=30s,seed=7'."
+        ),
+    ],
+    islands: Annotated[int, typer.Option(help="Number of islands.")] = 3,
+    names: Annotated[
+        str | None, typer.Option(help="Island names, comma-separated (default a,b,c...).")
+    ] = None,
+    compare: Annotated[
+        bool, typer.Option(help="Also run the fault-free fleet, for reference_loss.")
+    ] = False,
+    debug: Debug = False,
+) -> None:
+    """Run a local fleet under a fault schedule and print a survival table.
+
+    Crashes are SIGKILLs and hangs SIGSTOPs sent from outside; nan, bitflip, spike, slow and link
+    strike from inside the island. Each fault is matched with the guard that caught it, in
+    DIR/chaos.json. Exits 1 if a fault went undetected or the islands end with different
+    parameters. Any --section.key=value goes to every island (--fleet.* also to the coordinator).
+    """
+    from ostinato.config import load_config
+    from ostinato.faults.chaos import chaos as run_chaos
+    from ostinato.fleet.local import island_names
+
+    overrides = parse_overrides(ctx.args)
+    cfg = load_config(config, overrides)  # refuse a bad config before starting anything
+    chosen = island_names(islands, names)
+    code = run_chaos(config, out, chosen, faults, overrides, compare, cfg)
+    raise typer.Exit(code)
 
 
 @app.command(context_settings=OVERRIDES)

@@ -151,9 +151,35 @@ class FleetConfig:
 
 @dataclass
 class GuardsConfig:
+    fleet_digest: bool = option(
+        True, "after each round, quarantine and heal an island whose global digest is the odd one"
+    )
+    outlier_ratio: float = option(
+        10.0,
+        "leave out a pseudo-gradient whose norm is this many times the others' (0: off)",
+        ge=0.0,
+    )
+    straggler_ratio: float = option(
+        1.5, "report an island this many times slower than the others' median (0: off)", ge=0.0
+    )
+    link_ratio: float = option(
+        3.0, "report an island whose exchange takes this many times the others' (0: off)", ge=0.0
+    )
     nonfinite: bool = option(True, "skip a step whose loss or gradient norm is NaN or infinite")
     max_nonfinite: int = option(
         3, "skipped steps in a row before rolling back to the last checkpoint", ge=1
+    )
+    spike: bool = option(
+        True, "roll back and skip the data that follows a loss far above the recent median"
+    )
+    spike_window: int = option(50, "recent applied steps whose losses judge a spike", ge=2)
+    spike_z: float = option(
+        6.0, "robust z-score (median and MAD of the window) above which a loss spikes", gt=0.0
+    )
+    spike_warmup: int = option(20, "losses in the window before spikes are judged", ge=2)
+    spike_skip: int = option(20, "steps' worth of data skipped after a spike", ge=0)
+    digest_every: int = option(
+        100, "inner steps between parameter digest checks across an island's ranks (0: off)", ge=0
     )
 
 
@@ -161,6 +187,12 @@ class GuardsConfig:
 class FaultsConfig:
     schedule: str = option(
         "", "faults injected into this run, e.g. nan@step=70 (see ostinato.faults.spec)"
+    )
+    islands: str = option(
+        "", "the fleet's island names, comma-separated, set by `ostinato chaos` (empty: this one)"
+    )
+    start: float = option(
+        0.0, "unix time the chaos run started; storm faults strike at seconds after it", ge=0.0
     )
 
 
@@ -206,6 +238,11 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             f"data.seq_len = {cfg.data.seq_len}: must be <= model.max_seq_len ({cfg.model.max_seq_len})"
         )
     _check_budget(cfg.fleet, errors)
+    if cfg.guards.spike_warmup > cfg.guards.spike_window:
+        errors.append(
+            f"guards.spike_warmup = {cfg.guards.spike_warmup}: must be <= guards.spike_window "
+            f"({cfg.guards.spike_window}), or the window never holds enough losses"
+        )
     if cfg.fleet.block % 2:
         errors.append(
             f"fleet.block = {cfg.fleet.block}: must be even (4-bit values are packed in pairs)"

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from ostinato.config import FleetConfig, load_config
+from ostinato.config import FleetConfig, GuardsConfig, load_config
 from ostinato.fleet.compress import (
     KINDS,
     QMAX,
@@ -231,7 +231,7 @@ def test_one_island_h1_fp32_lr1_no_momentum_is_plain_training():
             opt.step()
         local = flatten(fleet_model)
         packed = member.feedback.compress(member.outer.pseudo_gradient(fleet_model))
-        averaged = member._average([torch.cat([packed.to_bytes(), tokens_bytes(32)])])
+        averaged, _ = member._average([torch.cat([packed.to_bytes(), tokens_bytes(32)])], ["a"])
         member.outer.tentative_step(averaged)
         member.outer.commit()
         member.feedback.commit()
@@ -341,8 +341,8 @@ def test_average_weights_by_tokens():
         torch.cat([pack(torch.full((n,), 3.0), "fp32").to_bytes(), tokens_bytes(300)]),
     ]
     # 0.25 * 1 + 0.75 * 3 = 2.5, exactly in floats
-    assert torch.equal(a._average(gathered), torch.full((n,), 2.5))
-    other = a._average([torch.cat([gathered[0][:-8], tokens_bytes(7)]), gathered[1]])
+    assert torch.equal(a._average(gathered, ["a", "b"])[0], torch.full((n,), 2.5))
+    other, _ = a._average([torch.cat([gathered[0][:-8], tokens_bytes(7)]), gathered[1]], ["a", "b"])
     torch.testing.assert_close(other, torch.full((n,), (7 * 1.0 + 300 * 3.0) / 307))
 
 
@@ -355,9 +355,9 @@ def test_average_is_bit_identical_on_every_member(compression):
     for tokens in (1000, 3000, 1234):  # three members, different token counts
         pg = torch.randn(n, generator=gen) * 1e-2
         gathered.append(torch.cat([pack(pg, compression, 64).to_bytes(), tokens_bytes(tokens)]))
-    on_a = a._average([raw.clone() for raw in gathered])
-    on_b = b._average([raw.clone() for raw in gathered])
-    assert torch.equal(on_a, on_b)
+    on_a, left_out = a._average([raw.clone() for raw in gathered], ["a", "b", "c"])
+    on_b, _ = b._average([raw.clone() for raw in gathered], ["a", "b", "c"])
+    assert torch.equal(on_a, on_b) and left_out == []
     expected = torch.zeros(n)
     total = 1000.0 + 3000.0 + 1234.0
     for raw, tokens in zip(gathered, (1000, 3000, 1234), strict=True):
@@ -366,3 +366,30 @@ def test_average_is_bit_identical_on_every_member(compression):
     # and so the outer steps agree too: the digests the coordinator compares are equal
     b.outer.load_tensor(a.outer.as_tensor())
     assert a.outer.tentative_step(on_a) == b.outer.tentative_step(on_b)
+
+
+@pytest.mark.parametrize("compression", KINDS)
+def test_a_corrupted_pseudo_gradient_is_left_out_of_the_average(compression):
+    """A flipped exponent bit makes one value ~1e36: averaged in, it would reach every island."""
+    a, _ = two_members(compression)
+    n = a.outer.numel
+    gen = torch.Generator().manual_seed(3)
+    clean = [torch.randn(n, generator=gen) * 1e-2 for _ in range(3)]
+    corrupted = clean[2].clone()
+    corrupted[5] = corrupted[5].abs().view(torch.int32).bitwise_or(1 << 30).view(torch.float32)
+    gathered = [
+        torch.cat([pack(pg, compression, 64).to_bytes(), tokens_bytes(100)])
+        for pg in (clean[0], clean[1], corrupted)
+    ]
+    averaged, left_out = a._average(gathered, ["a", "b", "c"])
+    assert left_out == ["c"]
+    two, _ = a._average(gathered[:2], ["a", "b"])
+    assert torch.equal(averaged, two)
+    off = FleetMember(
+        fleet_cfg(compression=compression, block=64),
+        tiny_llama(10),
+        {},
+        GuardsConfig(outlier_ratio=0.0),
+    )
+    poisoned, nothing = off._average(gathered, ["a", "b", "c"])
+    assert nothing == [] and poisoned.abs().max() > 1e30

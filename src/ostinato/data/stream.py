@@ -63,6 +63,10 @@ class TokenStream:
         self.consumed += batch_size * self.world_size
         return rows[:, :-1], rows[:, 1:]
 
+    def skip(self, sequences: int) -> None:
+        """Move past `sequences` global sequences without reading them (after a loss spike)."""
+        self.consumed += sequences
+
     def state_dict(self) -> dict[str, int]:
         return {"consumed": self.consumed, "num_sequences": self.num_sequences, "seed": self.seed}
 

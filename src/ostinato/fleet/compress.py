@@ -121,6 +121,11 @@ class ErrorFeedback:
         if self._pending is not None:
             self.residual, self._pending = self._pending, None
 
+    def reset(self) -> None:
+        """Forget the residual: the work it came from was dropped (a quarantined island)."""
+        self.residual.zero_()
+        self._pending = None
+
     def carry(self, extra: torch.Tensor) -> None:
         """Fold work that could not be sent this round into what is sent next round."""
         self.residual += extra

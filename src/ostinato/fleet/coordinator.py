@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ostinato.config import FleetConfig
+from ostinato.config import FleetConfig, GuardsConfig
 from ostinato.fleet import wire
+from ostinato.fleet.guards import GuardLog, fleet_digest, outliers_above_median
 
 log = logging.getLogger("ostinato")
 TICK_S = 0.01
@@ -31,6 +32,10 @@ class IslandView:
     last_beat: float
     beat: int = -1
     status: dict[str, Any] = field(default_factory=dict)
+    gone: bool = False  # reported gone by the heartbeat guard, until it beats again
+    slow_beats: int = 0  # heartbeats in a row below the others' speed
+    judged_beat: int = -1  # the last heartbeat the straggler guard looked at
+    reported_slow: bool = False
 
 
 @dataclass
@@ -44,19 +49,28 @@ class RoundState:
 
 
 class Coordinator:
-    def __init__(self, bind: str, cfg: FleetConfig, out: Path | None = None):
+    def __init__(
+        self,
+        bind: str,
+        cfg: FleetConfig,
+        out: Path | None = None,
+        guards: GuardsConfig | None = None,
+        recipe: dict[str, Any] | None = None,
+    ):
         self.cfg, self.out = cfg, out
+        self.guards = guards or GuardsConfig()
+        self.guard_log = GuardLog(out)
         self.token = wire.fleet_token(cfg.token)
         self.store = wire.serve_store(bind)
         self.keys = wire.Keys(self.store, wire.namespace(self.token))
         self.public = wire.Keys(self.store, "public")
         self.islands: dict[str, IslandView] = {}
-        self.fingerprint: dict[str, Any] | None = None
+        self.fingerprint: dict[str, Any] | None = recipe  # what islands must agree on
+        self.total_rounds = int((recipe or {}).get("rounds", 0))
         self.round = RoundState()
         self.last_committed = 0
         self.last_members: list[str] = []
         self.committed_here = 0  # rounds committed by this coordinator process
-        self.total_rounds = 0
         self.started = time.monotonic()
         self.finished = False
         self._knock_offset = 0
@@ -84,6 +98,7 @@ class Coordinator:
     def tick(self) -> None:
         self._read_knocks()
         self._read_heartbeats()
+        self._watch_health()
         if self._settled():
             self._advance()
         self._publish_status()
@@ -167,12 +182,16 @@ class Coordinator:
             view.role = "member" if view.have == have else "joiner"
 
     def _mismatch(self, fingerprint: dict[str, Any]) -> str | None:
+        """What differs from the fleet's recipe: the coordinator's own (--config), or else the
+        first island's; what the recipe cannot say (the tokenizer) comes from the first island."""
         if self.fingerprint is None:
             self.fingerprint = fingerprint
             self.total_rounds = int(fingerprint.get("rounds", 0))
             return None
-        differing = [k for k in COMPARED if fingerprint.get(k) != self.fingerprint.get(k)]
+        known = [k for k in COMPARED if k in self.fingerprint]
+        differing = [k for k in known if fingerprint.get(k) != self.fingerprint.get(k)]
         if not differing:
+            self.fingerprint.update({k: v for k, v in fingerprint.items() if k not in known})
             return None
         details = "; ".join(
             f"{k}: fleet {self.fingerprint.get(k)!r}, island {fingerprint.get(k)!r}"
@@ -186,6 +205,53 @@ class Coordinator:
             beat = self.keys.get(f"hb/{view.name}")
             if beat and beat.get("n") != view.beat:
                 view.beat, view.status, view.last_beat = beat["n"], beat, now
+
+    def _watch_health(self) -> None:
+        """Heartbeat guard (an island that went silent) and straggler guard (one that is slow)."""
+        for view in self.islands.values():
+            alive = self._is_alive(view)
+            leaving = self.finished or view.status.get("state") == "done"
+            if not alive and not view.gone and not leaving:
+                silent = time.monotonic() - view.last_beat
+                self.guard_log.fire(
+                    "heartbeat",
+                    view.name,
+                    "dropped from rounds until it rejoins",
+                    f"island {view.name} sent no heartbeat for {silent:.1f} s; counted as gone",
+                    silent_s=silent,
+                )
+            view.gone = not alive
+        self._watch_speeds()
+
+    def _watch_speeds(self) -> None:
+        ratio = self.guards.straggler_ratio
+        training = {
+            v.name: v
+            for v in self.islands.values()
+            if self._is_alive(v) and v.status.get("state") == "training"
+        }
+        slowness = {
+            n: 1.0 / v.status["tokens_per_s"]
+            for n, v in training.items()
+            if v.status.get("tokens_per_s")
+        }
+        slow = outliers_above_median(slowness, ratio) if len(slowness) > 1 else {}
+        for name, view in training.items():
+            if view.beat == view.judged_beat:
+                continue  # judge each heartbeat once
+            view.judged_beat = view.beat
+            view.slow_beats = view.slow_beats + 1 if name in slow else 0
+            if view.slow_beats >= 3 and not view.reported_slow:
+                view.reported_slow = True
+                self.guard_log.fire(
+                    "straggler",
+                    name,
+                    "reported",
+                    f"island {name} trains {slow[name]:.1f}x slower than the others' median",
+                    factor=slow[name],
+                )
+            elif view.slow_beats == 0:
+                view.reported_slow = False
 
     def _is_alive(self, view: IslandView) -> bool:
         return time.monotonic() - view.last_beat < self.cfg.heartbeat_timeout_s
@@ -208,7 +274,7 @@ class Coordinator:
     def _collect(self) -> None:
         state, now = self.round, time.monotonic()
         live = self._alive("member")
-        ready = [m for m in live if self.keys.has(f"ready/{state.number}/{m}")]
+        ready = [m for m in live if self._ready(state.number, m)]
         self._demote_late_islands()
         if not ready:
             state.first_ready_at = None
@@ -219,10 +285,17 @@ class Coordinator:
             state.phase, state.members, state.exchange_started = "exchange", ready, now
             self.keys.put(f"round/{state.number}", {"attempt": state.attempt, "members": ready})
 
+    def _ready(self, number: int, name: str) -> bool:
+        """Whether the island's current process is ready for round `number`: a key left by a
+        process that has since died and restarted (another nonce) does not count."""
+        record = self.keys.get(f"ready/{number}/{name}")
+        view = self.islands.get(name)
+        return record is not None and view is not None and record.get("nonce") == view.nonce
+
     def _demote_late_islands(self) -> None:
         """A member ready for an already committed round missed it: it must be healed."""
         for view in self.islands.values():
-            late = self.keys.has(f"ready/{self.last_committed}/{view.name}")
+            late = self._ready(self.last_committed, view.name)
             if view.role == "member" and late and view.name not in self.last_members:
                 view.role = "joiner"
 
@@ -232,20 +305,57 @@ class Coordinator:
             m: self.keys.get(f"result/{state.number}/{state.attempt}/{m}") for m in state.members
         }
         if all(results.values()):
-            digests = {r["digest"] for r in results.values() if r["ok"]}
-            if all(r["ok"] for r in results.values()) and len(digests) == 1:
-                self._commit(results)
+            if not all(r["ok"] for r in results.values()):
+                self._abort("a member failed the exchange")
+                return
+            keep = self._digest_guard(results)
+            if len(keep) >= min(self.cfg.min_islands, len(results)) and keep:
+                self._commit({m: results[m] for m in keep}, results)
             else:
-                self._abort("a member failed the exchange or the digests differ")
+                self._abort("the members' digests differ and too few agree")
             return
         gone = [m for m in state.members if m not in self._alive()]
         overdue = time.monotonic() - state.exchange_started > self.cfg.timeout_s + 5
         if gone or overdue:
             self._abort(f"gone: {', '.join(gone)}" if gone else "exchange overdue")
 
-    def _commit(self, results: dict[str, dict[str, Any]]) -> None:
+    def _digest_guard(self, results: dict[str, dict[str, Any]]) -> list[str]:
+        """The members whose global digest is the fleet's; the others are quarantined."""
+        suspects = sorted({m for r in results.values() for m in r.get("excluded", [])})
+        for name in suspects:
+            self.guard_log.fire(
+                "pseudo_gradient",
+                name,
+                "left out of the average",
+                f"round {self.round.number}: island {name}'s pseudo-gradient norm is an outlier",
+                round=self.round.number,
+            )
+        digests = {m: r["digest"] for m, r in results.items()}
+        if len(set(digests.values())) == 1 or not self.guards.fleet_digest:
+            return list(results)  # without the guard a disagreement goes unnoticed
+        order = [*self.last_members, *sorted(results)]
+        kept = fleet_digest(digests, order, suspects)
+        for name, digest in digests.items():
+            if digest != kept:
+                self.guard_log.fire(
+                    "digest",
+                    name,
+                    "quarantined and healed from a donor",
+                    f"round {self.round.number}: island {name}'s global digest {digest} is not "
+                    f"the fleet's {kept}",
+                    round=self.round.number,
+                )
+        return [m for m in self.round.members if digests[m] == kept]
+
+    def _commit(
+        self, results: dict[str, dict[str, Any]], all_results: dict[str, dict[str, Any]]
+    ) -> None:
         state = self.round
+        quarantined = [m for m in state.members if m not in results]
+        state.members = [m for m in state.members if m in results]
         donor = state.members[0]
+        for name in quarantined:
+            self.islands[name].role = "joiner"
         joiners = [name for name in self._alive("joiner")]
         final = self.total_rounds > 0 and state.number >= self.total_rounds
         every = self.cfg.checkpoint_every
@@ -265,7 +375,8 @@ class Coordinator:
             "data": data,
         }
         self.keys.put(f"round/{state.number}", record)
-        self._log_round(results)
+        self._log_round(all_results, quarantined)
+        self._link_guard(all_results)
         for joiner in joiners:
             self.islands[joiner].role = "member"
         for view in self.islands.values():
@@ -289,8 +400,22 @@ class Coordinator:
         state.attempt += 1
         state.phase, state.first_ready_at = "collect", None
 
-    def _log_round(self, results: dict[str, dict[str, Any]]) -> None:
+    def _link_guard(self, results: dict[str, dict[str, Any]]) -> None:
+        exchange = {m: r["exchange_s"] for m, r in results.items()}
+        for name, times in outliers_above_median(exchange, self.guards.link_ratio, 0.5).items():
+            self.guard_log.fire(
+                "link",
+                name,
+                "reported",
+                f"round {self.round.number}: island {name}'s exchange took "
+                f"{exchange[name]:.2f} s, {times:.1f}x the others' median",
+                round=self.round.number,
+                factor=times,
+            )
+
+    def _log_round(self, results: dict[str, dict[str, Any]], quarantined: list[str]) -> None:
         state = self.round
+        kept = state.members[0]
         record = {
             "round": state.number,
             "attempt": state.attempt,
@@ -298,7 +423,9 @@ class Coordinator:
             "bytes_sent": {m: r["bytes_sent"] for m, r in results.items()},
             "exchange_s": max(r["exchange_s"] for r in results.values()),
             "tokens": {m: r["tokens"] for m, r in results.items()},
-            "digest": next(iter(results.values()))["digest"],
+            "digest": results[kept]["digest"],
+            "excluded": sorted({m for r in results.values() for m in r.get("excluded", [])}),
+            "quarantined": quarantined,
             "time": time.time(),
         }
         log.info("coordinator: round %d committed by %s", state.number, ", ".join(state.members))

@@ -39,9 +39,14 @@ def island_seed(cfg: Config) -> int:
 
 def fingerprint(cfg: Config, tokenizer: Tokenizer) -> dict[str, Any]:
     """What must be equal across the fleet; the coordinator names any field that is not."""
+    tokenizer_hash = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()[:16]
+    return {**recipe_fingerprint(cfg), "tokenizer": tokenizer_hash}
+
+
+def recipe_fingerprint(cfg: Config) -> dict[str, Any]:
+    """The part of the fingerprint a recipe alone fixes (the coordinator's, given --config)."""
     return {
         "model": cfg.to_dict()["model"],
-        "tokenizer": hashlib.sha256(tokenizer.to_str().encode()).hexdigest()[:16],
         "compression": cfg.fleet.compression,
         "block": cfg.fleet.block,
         "outer_lr": cfg.fleet.outer_lr,
@@ -85,6 +90,21 @@ def resume_from_fleet_checkpoint(
         stream.load_state_dict(position)
     log.info("fleet: resumed from fleet checkpoint %s (round %d)", found, member.round_have)
     return True
+
+
+def join(cfg: Config, out: Path, member: FleetMember, model: nn.Module, stream) -> None:
+    """Join the fleet. An island that comes back after the fleet finished (a late restart)
+    ends with the fleet's final parameters, from the final fleet checkpoint."""
+    member.start(model)
+    if member.active:
+        return
+    final = total_rounds(cfg)
+    deadline = time.monotonic() + cfg.fleet.connect_timeout_s
+    while member.round_have < final and time.monotonic() < deadline:
+        if not resume_from_fleet_checkpoint(cfg, out, member, model, stream):
+            time.sleep(0.2)  # the donor writes the final checkpoint just after the commit
+        elif member.round_have < final:
+            time.sleep(0.2)
 
 
 def write_fleet_checkpoint(

@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ostinato.faults.goodput import render_table, summarize
+from ostinato.fleet.guards import read_guard_log
 
 console = Console(highlight=False)
 
@@ -44,6 +45,7 @@ class IslandProcess:
     command: list[str]
     process: subprocess.Popen | None = None
     restarts: int = 0
+    started_at: float = field(default_factory=time.time)  # of the current process
     done: bool = False
     exits: list[int] = field(default_factory=list)
 
@@ -83,6 +85,8 @@ class LocalFleet:
         self.env.setdefault("OSTINATO_FLEET_TOKEN", secrets.token_hex(16))
         self.coordinator: subprocess.Popen | None = None
         self.islands: dict[str, IslandProcess] = {}
+        self.guard_events_seen = 0
+        self.log: list[dict] = []  # what the supervisor saw and did, with unix times
 
     def start_coordinator(self) -> str:
         command = [
@@ -119,8 +123,8 @@ class LocalFleet:
         return first.removeprefix("coordinator on ")
 
     def _fleet_overrides(self) -> list[str]:
-        fleet = [f"--{o}" for o in self.overrides if o.startswith("fleet.")]
-        return [f"--fleet.expect={len(self.names)}", *fleet]
+        """The whole recipe: the coordinator checks every island's model and rounds against it."""
+        return [f"--fleet.expect={len(self.names)}", *(f"--{o}" for o in self.overrides)]
 
     def island_command(self, name: str, address: str) -> list[str]:
         command = [sys.executable, "-m", "ostinato", "train", "--config", str(self.config)]
@@ -149,6 +153,7 @@ class LocalFleet:
     def _supervise(self) -> int:
         while not all(i.done for i in self.islands.values()):
             self._drain(0.1)
+            self.tick()
             for island in self.islands.values():
                 self._check(island)
         self._drain(0.0)
@@ -160,11 +165,36 @@ class LocalFleet:
         )
         return 1 if failed else 0
 
+    def tick(self) -> None:
+        """Once per supervision loop: kill islands the coordinator found hung."""
+        guard_events = read_guard_log(self.out)
+        for event in guard_events[self.guard_events_seen :]:
+            if event["guard"] == "heartbeat":
+                self._kill_if_hung(event["island"], event["time"] - event.get("silent_s", 0.0))
+        self.guard_events_seen = len(guard_events)
+
+    def _kill_if_hung(self, name: str, silent_since: float) -> None:
+        """A process alive but silent is hung (a stalled collective, a stopped chip): treat it
+        as a crash, as torchelastic's watchdog would. A process started after the silence
+        began is the restart of a crashed one, not the silent one."""
+        island = self.islands.get(name)
+        if island is None or island.done or island.process.poll() is not None:
+            return
+        if island.started_at > silent_since:
+            return
+        console.print(f"[yellow]fleet: island {name} is alive but silent; killing it[/]")
+        island.process.kill()
+        self.note("killed", name)
+
+    def note(self, what: str, island: str, **extra) -> None:
+        self.log.append({"time": time.time(), "what": what, "island": island, **extra})
+
     def _check(self, island: IslandProcess) -> None:
         if island.done or island.process.poll() is None:
             return
         code = island.process.returncode
         island.exits.append(code)
+        self.note("exited", island.name, code=code)
         if code == 0 or code == 2 or island.restarts >= self.max_restarts:
             island.done = True  # finished, refused (exit 2), or out of restarts
             return
@@ -175,6 +205,8 @@ class LocalFleet:
         command = [*island.command]
         command[command.index("--resume") + 1] = "auto"
         island.process = _spawn(command, island.name, self.lines, self.env)
+        island.started_at = time.time()
+        self.note("restarted", island.name)
 
     def _drain(self, wait: float) -> None:
         deadline = time.monotonic() + wait

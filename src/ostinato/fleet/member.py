@@ -22,9 +22,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ostinato.config import FleetConfig, budget_of
+from ostinato.config import FleetConfig, GuardsConfig, budget_of
 from ostinato.fleet import wire
 from ostinato.fleet.compress import ErrorFeedback, from_bytes, unpack
+from ostinato.fleet.guards import pseudo_gradient_outliers
 from ostinato.fleet.link import parse_link
 from ostinato.fleet.outer import OuterState
 
@@ -54,26 +55,37 @@ class Heartbeat(threading.Thread):
         super().__init__(daemon=True, name="ostinato-heartbeat")
         self.cfg, self.island, self.prefix = cfg, island, keys_prefix
         self.status: dict[str, Any] = {"state": "starting"}
-        self._stop = threading.Event()
+        self._stopping = threading.Event()
 
     def run(self) -> None:
         beat, keys = 0, None
-        while not self._stop.is_set():
+        while True:
             try:
                 keys = keys or wire.Keys(wire.connect(self.cfg.coordinator, 5.0), self.prefix)
                 keys.put(f"hb/{self.island}", {**self.status, "n": beat, "time": time.time()})
                 beat += 1
             except (RuntimeError, ValueError, dist.DistStoreError):
                 keys = None  # the coordinator restarts: reconnect on the next beat
-            self._stop.wait(self.cfg.heartbeat_s)
+            if self._stopping.is_set():
+                return  # after one last beat, so the coordinator sees the island leave
+            self._stopping.wait(self.cfg.heartbeat_s)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stopping.set()
+        if self.is_alive():
+            self.join(timeout=5.0)
 
 
 class FleetMember:
-    def __init__(self, cfg: FleetConfig, model: nn.Module, fingerprint: dict[str, Any]):
+    def __init__(
+        self,
+        cfg: FleetConfig,
+        model: nn.Module,
+        fingerprint: dict[str, Any],
+        guards: GuardsConfig | None = None,
+    ):
         self.cfg, self.fingerprint = cfg, fingerprint
+        self.guards = guards or GuardsConfig()
         self.island = cfg.island
         self.token = wire.fleet_token(cfg.token)
         self.prefix = wire.namespace(self.token)
@@ -97,8 +109,10 @@ class FleetMember:
     def start(self, model: nn.Module) -> None:
         """Join the fleet; a joiner is healed by a donor before it trains."""
         self._connect()
-        self.heartbeat.start()
+        # Beats only once admitted: a restarted island's beats must not make its dead
+        # predecessor look alive (and so get itself refused as a second island of that name).
         self._knock(reconnect=False)
+        self.heartbeat.start()
         if self.role == "finished":
             log.info("fleet: the fleet has already finished its run")
         elif self.role == "joiner":
@@ -109,7 +123,7 @@ class FleetMember:
         self.keys = wire.Keys(store, self.prefix)
         self.public = wire.Keys(store, "public")
 
-    def _knock(self, reconnect: bool) -> None:
+    def _knock(self, reconnect: bool, retry: bool = True) -> None:
         self.nonce = secrets.token_hex(8)
         knock = {
             "island": self.island,
@@ -127,12 +141,27 @@ class FleetMember:
         if reply.get("finished"):
             self.role = "finished"
             return
+        if not reply["ok"] and "already in the fleet" in reply["reason"] and retry:
+            # our own previous process, just killed, until its heartbeats are missed
+            return self._knock_again(reply)
         if not reply["ok"]:
             raise Refused(
                 f"the fleet coordinator refused island {self.island!r}: {reply['reason']}"
             )
         self.role = reply["role"]
         log.info("fleet: joined as %s at round %d", self.role, reply["round"])
+
+    def _knock_again(self, reply: dict[str, Any]) -> None:
+        """Knock until the namesake counts as gone; refused if it is still alive by then."""
+        deadline = time.monotonic() + 2 * self.cfg.heartbeat_timeout_s + 1.0
+        while time.monotonic() < deadline:
+            time.sleep(self.cfg.heartbeat_s)
+            try:
+                return self._knock(reconnect=False, retry=False)
+            except Refused as exc:
+                if "already in the fleet" not in str(exc):
+                    raise
+        raise Refused(f"the fleet coordinator refused island {self.island!r}: {reply['reason']}")
 
     def _wait_for(self, probe, what: str, timeout: float | None = None):
         deadline = time.monotonic() + (timeout or self.cfg.connect_timeout_s)
@@ -200,7 +229,8 @@ class FleetMember:
     def _sync_once(self, model: nn.Module, tokens: int, data: dict[str, Any]) -> RoundOutcome:
         self.heartbeat.status["state"] = "syncing"
         number = self.round_have + 1
-        self.keys.put(f"ready/{number}/{self.island}", {"tokens": tokens, "data": data})
+        ready = {"tokens": tokens, "data": data, "nonce": self.nonce}
+        self.keys.put(f"ready/{number}/{self.island}", ready)
         pseudo_gradient = self.outer.pseudo_gradient(model)
         waited, tried = time.perf_counter(), -1
         while True:
@@ -235,16 +265,18 @@ class FleetMember:
         count = torch.tensor([float(tokens)], dtype=torch.float64).view(torch.uint8)
         mine = torch.cat([packed.to_bytes(), count])
         try:
-            gathered = self._all_gather(mine, number, attempt, members)
+            gathered = self._all_gather_unless_aborted(mine, number, attempt, members)
         except RuntimeError as exc:  # a peer died or stalled: report, then retry with survivors
             log.warning("fleet: round %d attempt %d failed: %s", number, attempt, str(exc)[:200])
             gathered = None
         if gathered is None:
             result = {"ok": False, "digest": None, "bytes_sent": 0, "tokens": tokens}
         else:
-            digest = self.outer.tentative_step(self._average(gathered))
+            averaged, excluded = self._average(gathered, members)
+            digest = self.outer.tentative_step(averaged)
             sent = mine.numel() * (len(members) - 1)
             result = {"ok": True, "digest": digest, "bytes_sent": sent, "tokens": tokens}
+            result["excluded"] = excluded
         exchange_s = time.perf_counter() - started
         self.keys.put(
             f"result/{number}/{attempt}/{self.island}", {**result, "exchange_s": exchange_s}
@@ -254,8 +286,13 @@ class FleetMember:
             self.outer.abort()
             time.sleep(min(1.0, 0.05 * (attempt + 1)))  # back off before the retry
             return None
+        if self.island not in decision["members"]:
+            return self._quarantined(model, decision, number)
         self.outer.commit()
-        self.feedback.commit()
+        if self.island in result.get("excluded", []):
+            self.feedback.reset()  # this round's work was left out: do not carry its error
+        else:
+            self.feedback.commit()
         self.outer.load_into(model)
         self.round_have = number
         for heal in decision.get("heal", []):
@@ -278,6 +315,30 @@ class FleetMember:
             return {"decision": "abort"}
         return record if record.get("decision") else None
 
+    def _all_gather_unless_aborted(self, mine, number: int, attempt: int, members: list[str]):
+        """The all-gather, given up as soon as the coordinator aborts the attempt.
+
+        A member that died before joining leaves the others blocked in gloo's rendezvous until
+        the collective timeout; the coordinator notices it within the heartbeat timeout, so the
+        survivors retry that much sooner. The abandoned thread ends at gloo's own timeout."""
+        outcome: dict[str, Any] = {}
+
+        def gather() -> None:
+            try:
+                outcome["gathered"] = self._all_gather(mine, number, attempt, members)
+            except RuntimeError as exc:
+                outcome["error"] = exc
+
+        worker = threading.Thread(target=gather, daemon=True, name="ostinato-exchange")
+        worker.start()
+        while worker.is_alive():
+            worker.join(POLL_S * 10)
+            if worker.is_alive() and self._decision(number, attempt) is not None:
+                raise RuntimeError(f"the coordinator ended round {number} attempt {attempt}")
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["gathered"]
+
     def _all_gather(self, mine: torch.Tensor, number: int, attempt: int, members: list[str]):
         """Every member's packed pseudo-gradient, in member order, over the (shaped) link."""
         group = self._group(f"pg/{number}/{attempt}", members.index(self.island), len(members))
@@ -288,15 +349,38 @@ class FleetMember:
         self.link.pad(started, traffic, traffic)
         return gathered
 
-    def _average(self, gathered: list[torch.Tensor]) -> torch.Tensor:
-        """Token-weighted mean, summed in member order so every member gets the same bits."""
+    def _average(
+        self, gathered: list[torch.Tensor], members: list[str]
+    ) -> tuple[torch.Tensor, list[str]]:
+        """Token-weighted mean of the pseudo-gradients that pass the outlier guard, summed in
+        member order so every member gets the same bits; and the members left out."""
         weights = [float(raw[-8:].clone().view(torch.float64)) for raw in gathered]
-        total = sum(weights) or 1.0
+        peers = [
+            unpack(
+                from_bytes(raw[:-8], self.outer.numel, self.cfg.compression, self.cfg.block),
+                self.cfg.block,
+            )
+            for raw in gathered
+        ]
+        norms = [float(p.double().norm()) for p in peers]
+        left_out = pseudo_gradient_outliers(norms, self.guards.outlier_ratio)
+        if len(left_out) == len(peers):
+            left_out = []  # nothing to compare against: let the digest guard judge
+        total = sum(w for i, w in enumerate(weights) if i not in left_out) or 1.0
         averaged = torch.zeros(self.outer.numel)
-        for raw, weight in zip(gathered, weights, strict=True):
-            peer = from_bytes(raw[:-8], self.outer.numel, self.cfg.compression, self.cfg.block)
-            averaged += (weight / total) * unpack(peer, self.cfg.block)
-        return averaged
+        for i, (peer, weight) in enumerate(zip(peers, weights, strict=True)):
+            if i not in left_out:
+                averaged += (weight / total) * peer
+        return averaged, [members[i] for i in left_out]
+
+    def _quarantined(self, model, decision: dict[str, Any], number: int) -> RoundOutcome:
+        """The fleet committed the round without this island: its global state disagreed with
+        the majority's (silent corruption). Drop this round's work and take a donor's state."""
+        log.warning("fleet: quarantined in round %d; healing from a donor", number)
+        self.outer.abort()
+        self.feedback.reset()  # the residual may hold the corruption too
+        self._heal(model)
+        return RoundOutcome(committed=False, final=decision.get("final", False), round=number)
 
     def _rejoin(self, model, pseudo_gradient) -> RoundOutcome:
         """This island is behind the fleet: keep its work for its next round, get healed."""

@@ -1,13 +1,36 @@
-"""Guards inside an island: turn a silent numerical failure into a visible, bounded one."""
+"""Guards inside an island: turn a silent numerical failure into a visible, bounded one.
+
+Each guard is a pure check (non-finite values, a loss spike, ranks whose parameters differ) and a
+remedy (skip the step, roll back to the last good checkpoint and skip data, copy a healthy rank).
+"""
 
 from __future__ import annotations
 
 import logging
 import math
+import statistics
+import time
+from collections import Counter, deque
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from ostinato.config import GuardsConfig
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ostinato.checkpoint.state import restore
+from ostinato.checkpoint.store import CheckpointWriter, latest_good
+from ostinato.config import Config, GuardsConfig
+from ostinato.faults.bitflip import WORD_TYPES
+from ostinato.hardware import Placement
+
+if TYPE_CHECKING:
+    from ostinato.train.trainer import Island
 
 log = logging.getLogger("ostinato")
+MAD_TO_STD = 1.4826  # MAD times this estimates the standard deviation of normal noise
+Z_EPS = 1e-6  # keeps the z-score finite when the window's losses are all equal
 
 
 class NonFiniteGuard:
@@ -38,3 +61,171 @@ class NonFiniteGuard:
             self.streak = 0
             return "rollback"
         return "skip"
+
+
+def robust_z(loss: float, window: Sequence[float]) -> float:
+    """How many robust standard deviations `loss` lies above the window's median.
+
+    Median and MAD, not mean and std: one earlier spike in the window barely moves them, and a
+    loss that falls while training goes well scores below zero rather than as an outlier.
+    """
+    median = statistics.median(window)
+    mad = statistics.median(abs(x - median) for x in window)
+    return (loss - median) / (MAD_TO_STD * mad + Z_EPS)
+
+
+class LossSpikeGuard:
+    """A loss far above the recent ones means a bad batch or an unstable state: roll back, skip.
+
+    The window holds the losses of recent applied steps; it changes during training, so it is
+    saved in each checkpoint (state_dict) and restored with it.
+    """
+
+    def __init__(self, cfg: GuardsConfig):
+        self.cfg = cfg
+        self.losses: deque[float] = deque(maxlen=cfg.spike_window)
+        self.last_z = 0.0  # of the latest spike, for its report
+
+    def verdict(self, loss: float) -> str:
+        """ "ok" (the loss joins the window) or "spike" (do not apply the step; roll back)."""
+        if not self.cfg.spike or not math.isfinite(loss):
+            return "ok"  # a non-finite loss is the non-finite guard's to judge
+        if len(self.losses) >= self.cfg.spike_warmup:
+            self.last_z = robust_z(loss, self.losses)
+            if self.last_z > self.cfg.spike_z:
+                return "spike"
+        self.losses.append(loss)
+        return "ok"
+
+    def state_dict(self) -> dict[str, list[float]]:
+        return {"losses": list(self.losses)}  # JSON keeps every bit of a float (repr)
+
+    def load_state_dict(self, state: dict[str, list[float]]) -> None:
+        self.losses.clear()
+        self.losses.extend(state["losses"])
+
+
+def rank_digest(model: nn.Module) -> torch.Tensor:
+    """Per parameter, the sum of its raw bit patterns as integers, (n_parameters,) int64.
+
+    Exact and order-free, so equal parameters give equal digests on any device; a flipped bit
+    moves its word by a power of two, so one flip always shows. Cheap: no copy to the host.
+    """
+    words = [
+        p.detach().view(WORD_TYPES[p.element_size()]).sum(dtype=torch.int64)
+        for p in model.parameters()
+    ]
+    return torch.stack(words)
+
+
+def majority_rank(digests: Sequence[torch.Tensor]) -> int:
+    """The first rank holding the digest most ranks hold; on a tie rank 0's digest wins."""
+    keys = [tuple(d.tolist()) for d in digests]
+    counts = Counter(keys)
+    most = max(counts.values())
+    return next(rank for rank, key in enumerate(keys) if counts[key] == most)
+
+
+def check_rank_digests(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[int, int]:
+    """Compare the island's ranks and repair the odd ones: {repaired rank: rank it copied}.
+
+    Ranks of a data-parallel island must hold identical parameters; DDP never checks, so a bit
+    flipped in one rank's memory would otherwise persist silently. A collective: every rank calls.
+    """
+    mine = rank_digest(model)
+    digests = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(digests, mine)
+    source = majority_rank(digests)
+    odd = [r for r, d in enumerate(digests) if not torch.equal(d, digests[source])]
+    if odd:
+        copy_from_rank(model, optimizer, source)
+    return dict.fromkeys(odd, source)
+
+
+def copy_from_rank(model: nn.Module, optimizer: torch.optim.Optimizer, source: int) -> None:
+    """Every rank takes `source`'s parameters and optimizer state (a collective)."""
+    for param in model.parameters():
+        dist.broadcast(param.data, source)
+        for name in sorted(optimizer.state.get(param, {})):
+            value = optimizer.state[param][name]
+            moved = value.to(param.device)  # AdamW keeps `step` on the host; nccl needs a device
+            dist.broadcast(moved, source)
+            value.copy_(moved)
+
+
+def restore_guards(island: Island, meta: dict[str, Any]) -> None:
+    """Guard state as of a checkpoint; one saved before guards kept state starts them empty."""
+    island.spike_guard.load_state_dict(meta.get("guards", {}).get("spike", {"losses": []}))
+
+
+def roll_back(
+    cfg: Config,
+    island: Island,
+    writer: CheckpointWriter,
+    out: Path,
+    guard: str,
+    finding: str,
+    remedy: str = "",
+) -> None:
+    """Return the model, optimizer and guards to the last good checkpoint; the data moves on."""
+    detected = time.time()
+    if island.events is not None:
+        island.events.mark("detect", f"guard {guard}: {finding}", detected)
+    if island.member is not None:
+        # In a fleet the last good state is the round's global parameters: an older island
+        # checkpoint would turn the rounds since into a bogus pseudo-gradient.
+        island.member.outer.load_into(island.model)
+        log.warning(
+            "guard %s: %s; rolled back to the round's global parameters%s", guard, finding, remedy
+        )
+        if island.events is not None:
+            island.events.span("recovery", detected, time.time())
+        return
+    writer.wait()  # a save still in flight may be the newest good state
+    path = latest_good(out / "checkpoints")
+    if path is None:
+        log.warning("guard %s: %s; no checkpoint to roll back to%s", guard, finding, remedy)
+        return
+    tensors = island.checkpoint_tensors()
+    meta = restore(
+        path, {k: v for k, v in tensors.items() if k != "outer_optimizer"}, cfg.to_dict()
+    )
+    restore_guards(island, meta)
+    step = meta["train_state"]["step"]
+    log.warning("guard %s: %s; rolled back to step %d%s", guard, finding, step, remedy)
+    if island.events is not None:  # the work since that checkpoint is lost
+        island.events.span("discarded", island.saved_at, detected)
+        island.events.span("recovery", detected, time.time())
+    island.saved_at = time.time()
+
+
+def skip_spike(
+    cfg: Config,
+    island: Island,
+    writer: CheckpointWriter,
+    out: Path,
+    loss: float,
+    world_size: int,
+) -> None:
+    """The loss spiked: roll back, and move the data past the window that follows (as PaLM did
+    by hand), since the batches that caused a spike tend to come in runs."""
+    guard = island.spike_guard
+    finding = (
+        f"step {island.step} loss {loss:.4f} is {guard.last_z:.1f} robust z-scores above the "
+        f"median of the last {len(guard.losses)}"
+    )
+    skip = cfg.guards.spike_skip
+    island.stream.skip(skip * cfg.train.batch_size * cfg.train.grad_accum * world_size)
+    roll_back(cfg, island, writer, out, "spike", finding, f", skipping {skip} steps of data")
+
+
+def guard_digests(island: Island, place: Placement) -> None:
+    """Compare the ranks' parameter digests and repair any rank that holds other parameters."""
+    repaired = check_rank_digests(island.model, island.optimizer)
+    if not place.is_main:
+        return
+    for rank, source in repaired.items():
+        finding = f"rank {rank}'s parameters differ from the island's"
+        log.warning("guard digest: %s; repaired from rank %d", finding, source)
+        if island.events is not None:
+            island.events.mark("detect", f"guard digest: {finding}", time.time())

@@ -24,6 +24,7 @@ def print_result(result: TrainResult) -> None:
         "final_loss": result.final_loss,
         "val_loss": ev.val_loss,
         "accuracy": ev.accuracy,
+        "digest": result.parameter_digest,
     }
     (result.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     if result.goodput is not None:

@@ -28,19 +28,28 @@ from ostinato.checkpoint.state import (
     rng_state,
     tensor_state,
 )
-from ostinato.checkpoint.store import CheckpointWriter, latest_good
+from ostinato.checkpoint.store import CheckpointWriter
 from ostinato.config import Config, TrainConfig, save_config
 from ostinato.data.sources import Documents, load_documents
 from ostinato.data.stream import TokenStream, tokenize
 from ostinato.data.tokenizer import check_vocab, load_tokenizer, train_tokenizer
 from ostinato.faults.goodput import Goodput, summarize
-from ostinato.faults.spec import parse_faults
+from ostinato.faults.inject import Injector
+from ostinato.faults.poison import DataPoison
 from ostinato.fleet import island as fleet_island
 from ostinato.fleet.member import FleetMember
 from ostinato.hardware import Placement
 from ostinato.model.llama import Llama
 from ostinato.train.evaluate import Evaluation, accuracy, validation_loss
-from ostinato.train.guards import NonFiniteGuard
+from ostinato.train.guards import (
+    LossSpikeGuard,
+    NonFiniteGuard,
+    guard_digests,
+    restore_guards,
+    roll_back,
+    skip_spike,
+)
+from ostinato.train.injection import inject_bitflip, inject_faults, strike_due_faults
 from ostinato.train.metrics import EventLog, MetricsLog, ProgressDisplay
 from ostinato.train.schedule import lr_at
 
@@ -72,7 +81,11 @@ class Island:
     member: FleetMember | None = None  # set when this island is part of a fleet
     events: EventLog | None = None
     guard: NonFiniteGuard | None = None
-    nan_steps: frozenset[int] = frozenset()  # steps whose loss the `nan` fault poisons
+    spike_guard: LossSpikeGuard | None = None
+    injector: Injector | None = None  # strikes the scheduled faults (main rank)
+    bitflip_steps: frozenset[int] = frozenset()  # steps after which the `bitflip` fault strikes
+    poison: DataPoison | None = None  # data the `spike` fault replaces with random tokens
+    saved_at: float = field(default_factory=time.time)  # when the newest good state was saved
 
     def checkpoint_tensors(self) -> dict[str, Any]:
         tensors = tensor_state(self.model, self.optimizer)
@@ -145,41 +158,30 @@ def build_island(
     init_optimizer_state(model, optimizer)
     island = Island(model, model, optimizer, stream, tokenizer, documents)
     island.guard = NonFiniteGuard(cfg.guards)
-    island.nan_steps = injected_nan_steps(cfg)
+    island.spike_guard = LossSpikeGuard(cfg.guards)
+    inject_faults(cfg, island, place, out)
     if cfg.fleet.coordinator:
-        island.member = FleetMember(cfg.fleet, model, fleet_island.fingerprint(cfg, tokenizer))
+        fingerprint = fleet_island.fingerprint(cfg, tokenizer)
+        island.member = FleetMember(cfg.fleet, model, fingerprint, cfg.guards)
     if resume_from is not None:
         meta = restore(resume_from, island.checkpoint_tensors(), cfg.to_dict())
         if meta.get("data"):
             stream.load_state_dict(meta["data"])
         island.step = meta["train_state"]["step"]
+        restore_guards(island, meta)
         if island.member is not None and "fleet" in meta:
             island.member.round_have = meta["fleet"]["round_have"]
         log.info("resumed from %s at step %d", resume_from, island.step)
     elif island.member is not None and resume != "none":
         fleet_island.resume_from_fleet_checkpoint(cfg, out, island.member, model, stream)
     if island.member is not None and place.is_main:
-        island.member.start(model)
+        fleet_island.join(cfg, out, island.member, model, stream)
     if place.world_size > 1:
         device_ids = [place.device.index] if place.is_accelerator else None
         island.step_model = DistributedDataParallel(model, device_ids=device_ids)
     if cfg.train.compile:
         island.step_model = torch.compile(island.step_model)
     return island
-
-
-def injected_nan_steps(cfg: Config) -> frozenset[int]:
-    """Steps of this island whose loss the fault schedule turns into NaN."""
-    if not cfg.faults.schedule:
-        return frozenset()
-    faults = parse_faults(cfg.faults.schedule, [cfg.fleet.island], steps=cfg.train.steps)
-    unsupported = sorted({f.kind for f in faults if f.kind != "nan" or f.step is None})
-    if unsupported:
-        raise ValueError(
-            f"faults.schedule: {', '.join(unsupported)} cannot be injected by `ostinato train` "
-            f"yet; it injects nan@step=N only (the chaos harness is not built yet)"
-        )
-    return frozenset(f.step for f in faults if f.island == cfg.fleet.island)
 
 
 def prepare_tokenizer(
@@ -229,8 +231,7 @@ def train_step(
     dtype = autocast_dtype(cfg, place)
     loss_sum = torch.zeros((), device=place.device)
     for micro in range(cfg.grad_accum):
-        inputs, targets = island.stream.next_batch(cfg.batch_size)
-        inputs, targets = inputs.to(place.device), targets.to(place.device)
+        inputs, targets = next_batch(cfg, island, place)
         last = micro == cfg.grad_accum - 1
         sync = (
             contextlib.nullcontext()
@@ -252,23 +253,49 @@ def train_step(
     island.step += 1
     verdict = island.guard.verdict(island.step, float(loss_sum), grad_norm)
     if verdict == "ok":
+        verdict = island.spike_guard.verdict(float(loss_sum))
+    if verdict == "ok":
         island.optimizer.step()
     island.optimizer.zero_grad(set_to_none=True)
     return float(loss_sum), grad_norm, verdict
 
 
-def roll_back(cfg: Config, island: Island, writer: CheckpointWriter, out: Path) -> None:
-    """Return the model and optimizer to the last good checkpoint; the data moves on."""
-    writer.wait()  # a save still in flight may be the newest good state
-    path = latest_good(out / "checkpoints")
-    if path is None:
-        log.warning("guard nonfinite: no checkpoint to roll back to; going on")
-        return
-    tensors = island.checkpoint_tensors()
-    meta = restore(
-        path, {k: v for k, v in tensors.items() if k != "outer_optimizer"}, cfg.to_dict()
-    )
-    log.warning("guard nonfinite: rolled back to step %d (%s)", meta["train_state"]["step"], path)
+def next_batch(
+    cfg: TrainConfig, island: Island, place: Placement
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's next micro-batch, on the device; random tokens where the `spike` fault poisons."""
+    position = island.stream.consumed
+    inputs, targets = island.stream.next_batch(cfg.batch_size)
+    if island.poison is not None and island.poison.covers(position):
+        inputs, targets = island.poison.batch(
+            position, place.rank, cfg.batch_size, island.stream.seq_len
+        )
+    return inputs.to(place.device), targets.to(place.device)
+
+
+def act_on_guards(
+    cfg: Config,
+    island: Island,
+    place: Placement,
+    writer: CheckpointWriter,
+    out: Path,
+    verdict: str,
+    loss: float,
+) -> None:
+    """After a step: roll back as its verdict says, flip a scheduled bit, compare the ranks."""
+    if verdict == "skip" and island.events is not None:
+        label = f"guard nonfinite: step {island.step} skipped"
+        island.events.mark("detect", label, time.time())
+    if verdict == "rollback":
+        finding = f"{cfg.guards.max_nonfinite} non-finite steps in a row"
+        roll_back(cfg, island, writer, out, "nonfinite", finding)
+    elif verdict == "spike":
+        skip_spike(cfg, island, writer, out, loss, place.world_size)
+    if island.step in island.bitflip_steps:
+        inject_bitflip(cfg, island, place)
+    every = cfg.guards.digest_every
+    if place.world_size > 1 and every and island.step % every == 0:
+        guard_digests(island, place)
 
 
 def run_steps(
@@ -292,13 +319,13 @@ def run_steps(
     try:
         while island.step < cfg.train.steps if island.member is None else island.member.active:
             started, wall = time.perf_counter(), time.time()
-            poison = island.step + 1 in island.nan_steps
+            poison = strike_due_faults(island)
             loss, grad_norm, verdict = train_step(cfg.train, island, place, poison)
-            if verdict == "rollback":
-                roll_back(cfg, island, writer, out)
+            act_on_guards(cfg, island, place, writer, out, verdict, loss)
             compute_s = time.perf_counter() - started
-            if cfg.fleet.slowdown > 1:  # emulate a slower island: its compute takes longer
-                time.sleep((cfg.fleet.slowdown - 1) * compute_s)
+            slowdown = island.injector.slowdown if island.injector else cfg.fleet.slowdown
+            if slowdown > 1:  # emulate a slower island: its compute takes longer
+                time.sleep((slowdown - 1) * compute_s)
                 compute_s = time.perf_counter() - started
             stall_s = 0.0
             if cfg.checkpoint.every and island.step % cfg.checkpoint.every == 0:
@@ -353,12 +380,14 @@ def save_checkpoint(cfg: Config, island: Island, writer: CheckpointWriter) -> fl
         "data": island.stream.state_dict(),
         "rng": rng_state(),
         "train_state": {"step": island.step},
+        "guards": {"spike": island.spike_guard.state_dict()},
         "versions": hardware.stack_versions(),
     }
     if island.member is not None:
         meta["fleet"] = {"round_have": island.member.round_have}
     tokenizer_json = island.tokenizer.to_str().encode()
     tensors = island.checkpoint_tensors()
+    island.saved_at = time.time()
     return writer.save(island.step, tensors, meta, {TOKENIZER_FILE: tokenizer_json})
 
 

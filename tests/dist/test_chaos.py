@@ -1,0 +1,110 @@
+"""`ostinato chaos` on a local fleet of real processes: every fault kind is caught by the guard
+meant for it, the survivors end bit-identical, and a bad schedule is refused before any start."""
+
+import json
+
+import pytest
+
+from ostinato.checkpoint.reader import load_trained
+
+from tests.conftest import TINY, run_cli
+from tests.dist.fleet_helpers import FAST, Running, final_digests, ostinato, rounds
+
+pytestmark = pytest.mark.timeout(400)
+
+# Rounds of 0.8 s: long enough for a killed island to restart and rejoin before the end.
+FLEET = [
+    "--fleet.budget=seconds:0.8",
+    "--fleet.rounds=22",
+    "--checkpoint.every=5",
+    "--fleet.heartbeat_s=0.2",
+    "--fleet.heartbeat_timeout_s=2",
+    "--fleet.timeout_s=5",
+    "--fleet.grace_s=2",
+]
+EVERY_KIND = (
+    "crash@island=b,round=3; hang@island=c,round=6; nan@island=a,step=12; "
+    "bitflip@island=c,round=14; link@island=a,round=10,bandwidth=2mbit; "
+    "slow@island=b,round=16,factor=4; spike@island=a,step=80,window=2"
+)
+
+
+def chaos(out, faults: str, *extra: str) -> Running:
+    command = ostinato("chaos", "--config", str(TINY), "--out", str(out), "--islands", "3")
+    return Running([*command, "--faults", faults, *FLEET, *extra])
+
+
+def test_every_fault_kind_is_caught_by_its_guard_and_the_survivors_agree(tmp_path):
+    out = tmp_path / "chaos"
+    run = chaos(out, EVERY_KIND)
+    assert run.wait(360) == 0, run.output[-4000:]
+    report = json.loads((out / "chaos.json").read_text())
+    caught = {row["kind"]: row for row in report["faults"]}
+    assert set(caught) == {"crash", "hang", "nan", "bitflip", "link", "slow", "spike"}
+    expected_guard = {
+        "crash": ("heartbeat",),
+        "hang": ("heartbeat",),
+        "nan": ("nonfinite",),
+        "bitflip": ("digest", "pseudo_gradient"),
+        "link": ("link",),
+        "slow": ("straggler",),
+        "spike": ("spike",),
+    }
+    for kind, row in caught.items():
+        assert row["guard"] in expected_guard[kind], row
+        assert row["detected_at"] >= row["injected_at"] - 0.5, row
+        assert set(row) >= {"kind", "island", "injected_at", "detected_at", "action"}
+        assert row["seconds_lost"] is not None and row["seconds_lost"] >= 0, row
+    # a hang is detected within the heartbeat timeout, plus the supervisor's poll
+    assert caught["hang"]["detected_at"] - caught["hang"]["injected_at"] < 10
+    assert report["parameters_identical"] is True
+    assert 0 < report["goodput"] <= 1
+    assert len(set(final_digests(out, ["a", "b", "c"]).values())) == 1
+    quarantined = [r["round"] for r in rounds(out) if "c" in r.get("quarantined", [])]
+    assert quarantined, "the bit flip's island was never quarantined"
+
+
+def test_a_bit_flip_with_the_fleet_guards_off_poisons_every_island(tmp_path):
+    """The guard is what saves the run: without it the flipped value reaches the average."""
+    out = tmp_path / "chaos"
+    run = chaos(
+        out,
+        "bitflip@island=c,round=3",
+        "--guards.fleet_digest=false",
+        "--guards.outlier_ratio=0",
+        "--fleet.rounds=8",
+    )
+    assert run.wait(360) == 1, run.output[-4000:]
+    report = json.loads((out / "chaos.json").read_text())
+    [row] = report["faults"]
+    assert row["detected_at"] is None and report["parameters_identical"] is False
+    # the flipped value (about 1e36, or inf) reached island a, which was never hit itself
+    largest = max(p.abs().max() for p in load_trained(out / "a").model.parameters())
+    assert not largest < 1e30, f"island a's largest parameter is {largest}"
+
+
+@pytest.mark.parametrize(
+    ("faults", "message"),
+    [
+        ("melt@island=a,step=3", "unknown fault kind 'melt'"),
+        ("crash@island=z,step=3", "island 'z' does not exist"),
+        ("storm:mtbf=1s,seed=1,kinds=crash", "could never leave a quorum"),
+        ("crash@island=b", "crash needs step= or round="),
+    ],
+)
+def test_a_bad_schedule_is_refused_before_anything_starts(tmp_path, faults, message):
+    result = run_cli(
+        "chaos",
+        "--config",
+        str(TINY),
+        "--out",
+        str(tmp_path / "chaos"),
+        "--islands",
+        "3",
+        "--faults",
+        faults,
+        *FAST,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stderr
+    assert not (tmp_path / "chaos").exists()
