@@ -21,12 +21,22 @@ $(VENV)/.dev: $(VENV)/.base
 OSTINATO := $(VENV)/bin/ostinato
 QUESTIONS := 'What is 27 + 45?\nBo has 12 pens. Bo gets 5 more and gives away 3. How many pens does Bo have now?\n'
 
-# Train the demo reasoning model, export it to Hugging Face format, prove the export computes
-# what was trained, and ask it questions through the engine that `ostinato serve` uses.
+# The demo fleet: two islands of one thread each (one per core), rounds of 10 s for 140 s.
+# Island b is twice as slow and is killed in round 4; a bit of island a's copy of the global
+# parameters flips in round 8. Island b skips the held-out evaluation: a holds the same model.
+DEMO_FLEET := --islands 2 --train.threads=1 --train.steps=400 \
+	--fleet.budget=seconds:10 --fleet.rounds=14 --checkpoint.every=25 \
+	--for b:train.eval_problems=0 --for b:train.samples=0
+DEMO_FAULTS := slow@island=b,factor=2; crash@island=b,round=4; bitflip@island=a,round=8
+
+# Train the demo reasoning model on a local fleet under faults, print the survival table, export
+# island a's model to Hugging Face format, prove the export computes what was trained, and ask
+# it questions through the engine that `ostinato serve` uses.
 demo: $(VENV)/.base
 	rm -rf runs/demo runs/demo-hf
-	$(OSTINATO) train --config configs/demo.toml --out runs/demo
-	$(OSTINATO) export runs/demo --out runs/demo-hf
+	$(OSTINATO) chaos --config configs/demo.toml --out runs/demo $(DEMO_FLEET) \
+		--faults "$(DEMO_FAULTS)"
+	$(OSTINATO) export runs/demo/a --out runs/demo-hf
 	$(OSTINATO) verify runs/demo-hf --device cpu
 	printf $(QUESTIONS) | $(OSTINATO) chat runs/demo-hf
 

@@ -161,6 +161,10 @@ def chaos(
     compare: Annotated[
         bool, typer.Option(help="Also run the fault-free fleet, for reference_loss.")
     ] = False,
+    for_island: Annotated[
+        list[str] | None,
+        typer.Option("--for", help="ISLAND:section.key=value for one island only."),
+    ] = None,
     debug: Debug = False,
 ) -> None:
     """Run a local fleet under a fault schedule and print a survival table.
@@ -172,12 +176,13 @@ def chaos(
     """
     from ostinato.config import load_config
     from ostinato.faults.chaos import chaos as run_chaos
-    from ostinato.fleet.local import island_names
+    from ostinato.fleet.local import island_names, parse_per_island
 
     overrides = parse_overrides(ctx.args)
     cfg = load_config(config, overrides)  # refuse a bad config before starting anything
     chosen = island_names(islands, names)
-    code = run_chaos(config, out, chosen, faults, overrides, compare, cfg)
+    per_island = parse_per_island(for_island or [], chosen)
+    code = run_chaos(config, out, chosen, faults, overrides, per_island, compare, cfg)
     raise typer.Exit(code)
 
 

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from ostinato.checkpoint.reader import load_trained
+from ostinato.checkpoint.store import committed_checkpoints, verify
 
 from tests.conftest import TINY, run_cli
 from tests.dist.fleet_helpers import FAST, Running, final_digests, ostinato, rounds
@@ -108,3 +109,51 @@ def test_a_bad_schedule_is_refused_before_anything_starts(tmp_path, faults, mess
     assert result.returncode == 2, result.stdout + result.stderr
     assert message in result.stderr
     assert not (tmp_path / "chaos").exists()
+
+
+@pytest.mark.parametrize(
+    ("seconds", "least_kills"),
+    [(60, 8), pytest.param(150, 25, marks=pytest.mark.slow, id="thirty-kills")],
+)
+def test_random_kills_lose_no_checkpoint_and_land_near_the_fault_free_run(
+    tmp_path, seconds, least_kills
+):
+    """A storm of SIGKILLs, one every 5 s on average (some land mid-checkpoint: every 5 steps).
+
+    The suite runs the 60 s storm (about 12 kills); `pytest -m slow` runs the issue's 30 (150 s,
+    plus as long again for the fault-free fleet).
+
+    Tolerance: within 10% of the fault-free fleet's validation loss, not bit-identical. A fleet
+    commits each round with the islands that reach it, so every kill changes which pseudo-
+    gradients are averaged (a killed island's round is left out, and it redoes the steps since
+    its last checkpoint on data the fault-free run saw once); only a lone island's resume is
+    bit-exact (tests/integration/test_resume.py).
+    """
+    out = tmp_path / "chaos"
+    fleet = [
+        "--fleet.budget=seconds:0.5",
+        f"--fleet.rounds={seconds}",
+        "--fleet.min_islands=1",
+        "--checkpoint.every=5",
+        "--fleet.heartbeat_s=0.2",
+        "--fleet.heartbeat_timeout_s=2",
+        "--fleet.timeout_s=5",
+        "--fleet.grace_s=1",
+        "--train.steps=400",
+        "--train.eval_problems=0",
+        "--train.samples=0",
+    ]
+    command = ostinato("chaos", "--config", str(TINY), "--out", str(out), "--islands", "3")
+    storm = f"storm:mtbf=5s,seed=11,kinds=crash,duration={seconds}s"
+    run = Running([*command, "--faults", storm, "--compare", *fleet])
+    assert run.wait(1200) == 0, run.output[-4000:]
+    report = json.loads((out / "chaos.json").read_text())
+    kills = [r for r in report["faults"] if r["kind"] == "crash" and r["injected_at"] is not None]
+    assert len(kills) >= least_kills, len(kills)
+    assert all(r["detected_at"] is not None for r in kills)
+    for island in "abc":
+        committed = committed_checkpoints(out / island / "checkpoints")
+        assert committed and all(verify(path) is None for path in committed), island
+    assert report["parameters_identical"] is True
+    loss, reference = report["final_loss"], report["reference_loss"]
+    assert abs(loss - reference) / reference < 0.10, (loss, reference)

@@ -29,10 +29,11 @@ from ostinato.fleet.island import total_inner_steps, total_rounds
 from ostinato.fleet.local import LocalFleet
 
 console = Console(highlight=False, width=None if os.isatty(1) else 140)
-RESTART_S = 10.0  # what a restart is assumed to take when a storm is checked for a quorum
+RESTART_S = 10.0
+MATCH_WINDOW_S = 60.0  # a detection further than this after a fault is not that fault's  # what a restart is assumed to take when a storm is checked for a quorum
 # Which guard is meant to catch each kind; a detection by another one still counts.
 GUARDS = {
-    "crash": ("heartbeat",),
+    "crash": ("heartbeat", "process exit"),
     "hang": ("heartbeat",),
     "nan": ("nonfinite",),
     "bitflip": ("digest", "pseudo_gradient", "rank_digest"),
@@ -121,6 +122,7 @@ def mark_fault(run_dir: Path, island: str, kind: str, at: float) -> None:
         "label": f"{kind} sent",
         "time": at,
     }
+    run_dir.mkdir(parents=True, exist_ok=True)  # a storm may strike before the island made it
     with (run_dir / "events.jsonl").open("a") as f:
         f.write(json.dumps(record) + "\n")
 
@@ -160,6 +162,7 @@ def chaos(
     names: list[str],
     spec: str,
     overrides: list[str],
+    per_island: dict[str, list[str]],
     compare: bool,
     cfg: Config,
 ) -> int:
@@ -168,7 +171,7 @@ def chaos(
     reference_loss = None
     if compare:
         console.print("[bold]chaos[/]: the fault-free reference fleet first")
-        reference = LocalFleet(config, out / "reference", names, overrides, {}, "none", 0)
+        reference = LocalFleet(config, out / "reference", names, overrides, per_island, "none", 0)
         if reference.run() != 0:
             raise RuntimeError("the fault-free reference fleet failed; see its output above")
         reference_loss, _ = final_state(out / "reference", names)
@@ -178,14 +181,14 @@ def chaos(
         out,
         names,
         [*overrides, *chaos_overrides(spec, names, start)],
-        {},
+        per_island,
         "none",
         max_restarts=1000,
         faults=faults,
         start=start,
     )
     code = fleet.run()
-    report = build_report(out, names, faults, fleet.strikes, start, code)
+    report = build_report(out, names, faults, fleet, start, code)
     report["reference_loss"] = reference_loss
     report["supervisor"] = [{**e, "time": round(e["time"] - start, 3)} for e in fleet.log]
     path = write_report(out, report)
@@ -197,11 +200,17 @@ def chaos(
 # --- the report ---------------------------------------------------------------------------------
 
 
-def detections(out: Path, names: list[str]) -> list[dict[str, Any]]:
-    """Every guard firing of the run: the fleet's, and each island's own (its detect marks)."""
+def detections(out: Path, names: list[str], supervisor: list[dict]) -> list[dict[str, Any]]:
+    """Every guard firing of the run: the fleet's, each island's own (its detect marks), and
+    the supervisor's view of a process that died (as torchrun sees a rank exit)."""
     found = [
         {"time": g["time"], "guard": g["guard"], "island": g["island"], "action": g["action"]}
         for g in read_guard_log(out)
+    ]
+    found += [
+        {"time": n["time"], "guard": "process exit", "island": n["island"], "action": "restarted"}
+        for n in supervisor
+        if n["what"] == "exited" and n.get("code", 0) < 0
     ]
     for name in names:
         for event in read_events(out / name):
@@ -256,20 +265,21 @@ def waiting_of_others(out: Path, names: list[str], island: str, after: float) ->
     )
 
 
+def first_detection(found, island: str, wanted: tuple[str, ...], injected: float):
+    """The detection of a fault: by the guard meant for it if it fired soon enough, else by
+    the next one in `wanted` (a crash during a restart is seen by the supervisor only)."""
+    for guard in wanted:
+        for d in found:
+            soon = injected - 0.5 <= d["time"] <= injected + MATCH_WINDOW_S
+            if d["island"] == island and d["guard"] == guard and soon:
+                return d
+    return None
+
+
 def account_fault(out, names, fault, found, start) -> dict[str, Any]:
     """One fault's row: when it struck, which guard caught it, what was done, what it cost."""
     injected = fault["time"]
-    wanted = GUARDS[fault["kind"]]
-    match = next(
-        (
-            d
-            for d in found
-            if d["island"] == fault["island"]
-            and d["guard"] in wanted
-            and d["time"] >= injected - 0.5
-        ),
-        None,
-    )
+    match = first_detection(found, fault["island"], GUARDS[fault["kind"]], injected)
     if match is not None:
         found.remove(match)  # one detection answers one fault
     row = {
@@ -340,9 +350,15 @@ def final_state(out: Path, names: list[str]) -> tuple[float | None, bool]:
 
 
 def build_report(
-    out: Path, names: list[str], faults: list[Fault], strikes: list[Strike], start: float, code: int
+    out: Path,
+    names: list[str],
+    faults: list[Fault],
+    fleet: ChaosFleet,
+    start: float,
+    code: int,
 ) -> dict[str, Any]:
-    found = detections(out, names)
+    found = detections(out, names, fleet.log)
+    strikes = fleet.strikes
     struck = injections(out, names, strikes)
     rows = [account_fault(out, names, f, found, start) for f in struck]
     rows += never_struck(faults, struck)
