@@ -147,6 +147,25 @@ class FleetConfig:
     slowdown: float = option(
         1.0, "emulate an island this many times slower (tests, benchmarks)", ge=1.0
     )
+    fragments: int = option(
+        1,
+        "Streaming DiLoCo: parameter fragments P, each synchronised every H steps at staggered "
+        "times, a round every H/P steps carrying ~1/P of the parameters (1: plain DiLoCo)",
+        ge=1,
+    )
+    overlap: int = option(
+        0,
+        "inner steps a round's exchange runs in the background before its result is merged "
+        "(tau of Streaming DiLoCo; < H / fragments; 0: wait for it)",
+        ge=0,
+    )
+    mix: float = option(
+        0.5,
+        "with overlap: the merge keeps this share of the local parameters, "
+        "local = mix * local + (1 - mix) * global (alpha of Streaming DiLoCo)",
+        ge=0.0,
+        le=1.0,
+    )
 
 
 @dataclass
@@ -271,6 +290,21 @@ def _check_budget(fleet: FleetConfig, errors: list[str]) -> None:
     ):
         errors.append(
             f"fleet.budget = {fleet.budget!r}: allowed forms: steps:H (H > 0) or seconds:T (T > 0)"
+        )
+    elif kind == "steps" and amount % fleet.fragments:
+        errors.append(
+            f"fleet.fragments = {fleet.fragments}: must divide H of fleet.budget = "
+            f"{fleet.budget!r}, so a fragment's round comes every H / fragments inner steps"
+        )
+    elif fleet.overlap and kind != "steps":
+        errors.append(
+            f"fleet.overlap = {fleet.overlap}: counts inner steps, so it needs "
+            f"fleet.budget = steps:H (got {fleet.budget!r})"
+        )
+    elif fleet.overlap >= max(1, amount // fleet.fragments):
+        errors.append(
+            f"fleet.overlap = {fleet.overlap}: must be < H / fleet.fragments "
+            f"({int(amount) // fleet.fragments}), so a round's exchange ends before the next begins"
         )
 
 

@@ -174,3 +174,26 @@ def test_a_fleet_resumes_from_its_checkpoint(tmp_path):
     assert "resumed from fleet checkpoint" in more.output
     assert [r["round"] for r in rounds(out)] == list(range(1, 7))
     assert set(final_digests(out, ["a", "b"]).values()) == {rounds(out)[-1]["digest"]}
+
+
+def test_a_streaming_fleet_with_overlap_ends_on_the_same_parameters(tmp_path):
+    """Streaming DiLoCo: two fragments, a round every H/2 steps, each exchange overlapped with two
+    inner steps (cut short when a checkpoint is due: every 7 steps here)."""
+    out = tmp_path / "fleet"
+    fleet = fleet_local(
+        out,
+        2,
+        "--train.steps=40",
+        "--fleet.budget=steps:10",
+        "--fleet.fragments=2",
+        "--fleet.overlap=2",
+        "--checkpoint.every=7",
+    )
+    assert fleet.wait() == 0, fleet.output[-4000:]
+    log = rounds(out)
+    assert [r["round"] for r in log] == list(range(1, 9))
+    assert [r["fragment"] for r in log] == [0, 1, 0, 1, 0, 1, 0, None]  # None: the final, all
+    assert all(r["members"] == ["a", "b"] for r in log)
+    sent = [r["bytes_sent"]["a"] for r in log]
+    assert max(sent[:-1]) < 0.6 * sent[-1]  # a fragment's round carries about half
+    assert set(final_digests(out, ["a", "b"]).values()) == {log[-1]["digest"]}

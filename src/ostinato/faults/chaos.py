@@ -29,8 +29,8 @@ from ostinato.fleet.island import total_inner_steps, total_rounds
 from ostinato.fleet.local import LocalFleet
 
 console = Console(highlight=False, width=None if os.isatty(1) else 140)
-RESTART_S = 10.0
-MATCH_WINDOW_S = 60.0  # a detection further than this after a fault is not that fault's  # what a restart is assumed to take when a storm is checked for a quorum
+RESTART_S = 10.0  # what a restart is assumed to take when a storm is checked for a quorum
+MATCH_WINDOW_S = 15.0  # a detection further than this after a fault is not that fault's
 # Which guard is meant to catch each kind; a detection by another one still counts.
 GUARDS = {
     "crash": ("heartbeat", "process exit"),

@@ -103,32 +103,39 @@ class ErrorFeedback:
     """Adds the previous round's quantization error before compressing, and keeps the new one.
 
     The new error is only kept when the round commits (`commit`), so a failed round that is
-    retried compresses the same values again.
+    retried compresses the same values again. With Streaming DiLoCo a round sends one fragment:
+    `start` says where its values begin in the flat residual.
     """
 
     def __init__(self, numel: int, kind: str, block: int = 128):
         self.kind, self.block = kind, block
         self.residual = torch.zeros(numel)
-        self._pending: torch.Tensor | None = None
+        self._pending: tuple[int, torch.Tensor] | None = None
 
-    def compress(self, pseudo_gradient: torch.Tensor) -> Packed:
-        corrected = pseudo_gradient + self.residual
+    def compress(self, pseudo_gradient: torch.Tensor, start: int = 0) -> Packed:
+        corrected = pseudo_gradient + self.residual[start : start + pseudo_gradient.numel()]
         packed = pack(corrected, self.kind, self.block)
-        self._pending = corrected - unpack(packed, self.block)
+        self._pending = (start, corrected - unpack(packed, self.block))
         return packed
 
     def commit(self) -> None:
-        if self._pending is not None:
-            self.residual, self._pending = self._pending, None
+        if self._pending is None:
+            return
+        start, error = self._pending
+        if error.numel() == self.residual.numel():
+            self.residual = error
+        else:
+            self.residual[start : start + error.numel()] = error
+        self._pending = None
 
     def reset(self) -> None:
         """Forget the residual: the work it came from was dropped (a quarantined island)."""
         self.residual.zero_()
         self._pending = None
 
-    def carry(self, extra: torch.Tensor) -> None:
+    def carry(self, extra: torch.Tensor, start: int = 0) -> None:
         """Fold work that could not be sent this round into what is sent next round."""
-        self.residual += extra
+        self.residual[start : start + extra.numel()] += extra
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"residual": self.residual}

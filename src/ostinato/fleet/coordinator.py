@@ -17,10 +17,20 @@ from typing import Any
 from ostinato.config import FleetConfig, GuardsConfig
 from ostinato.fleet import wire
 from ostinato.fleet.guards import GuardLog, fleet_digest, outliers_above_median
+from ostinato.fleet.streaming import fragment_of
 
 log = logging.getLogger("ostinato")
 TICK_S = 0.01
-COMPARED = ("model", "tokenizer", "compression", "block", "outer_lr", "outer_momentum", "rounds")
+COMPARED = (
+    "model",
+    "tokenizer",
+    "compression",
+    "block",
+    "outer_lr",
+    "outer_momentum",
+    "fragments",
+    "rounds",
+)
 
 
 @dataclass
@@ -416,8 +426,10 @@ class Coordinator:
     def _log_round(self, results: dict[str, dict[str, Any]], quarantined: list[str]) -> None:
         state = self.round
         kept = state.members[0]
+        fragments = int((self.fingerprint or {}).get("fragments", 1))
         record = {
             "round": state.number,
+            "fragment": fragment_of(state.number, fragments, self.total_rounds),  # None: all
             "attempt": state.attempt,
             "members": state.members,
             "bytes_sent": {m: r["bytes_sent"] for m, r in results.items()},

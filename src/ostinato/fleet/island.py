@@ -17,6 +17,7 @@ from torch import nn
 from ostinato.checkpoint.store import CheckpointWriter, latest_good, load_tensors, read_meta
 from ostinato.config import CheckpointConfig, Config, budget_of
 from ostinato.fleet.member import FleetMember, RoundOutcome
+from ostinato.fleet.streaming import InFlight, send_in_background
 
 log = logging.getLogger("ostinato")
 
@@ -27,7 +28,7 @@ def total_rounds(cfg: Config) -> int:
         return cfg.fleet.rounds
     if kind == "seconds":
         raise ValueError("fleet.rounds must be set (> 0) when fleet.budget is seconds:T")
-    return max(1, cfg.train.steps // int(amount))
+    return max(1, cfg.train.steps // int(amount)) * cfg.fleet.fragments
 
 
 def island_seed(cfg: Config) -> int:
@@ -51,6 +52,7 @@ def recipe_fingerprint(cfg: Config) -> dict[str, Any]:
         "block": cfg.fleet.block,
         "outer_lr": cfg.fleet.outer_lr,
         "outer_momentum": cfg.fleet.outer_momentum,
+        "fragments": cfg.fleet.fragments,
         "rounds": total_rounds(cfg),
     }
 
@@ -125,13 +127,17 @@ def write_fleet_checkpoint(
 def total_inner_steps(cfg: Config) -> int:
     """Nominal inner steps of a fleet run, for the progress bar (time budgets may differ)."""
     kind, amount = budget_of(cfg.fleet)
-    return total_rounds(cfg) * int(amount) if kind == "steps" else cfg.train.steps
+    if kind == "seconds":
+        return cfg.train.steps
+    return total_rounds(cfg) * int(amount) // cfg.fleet.fragments
 
 
 class RoundClock:
-    """Inner steps, tokens and seconds since this island's round began."""
+    """Inner steps, tokens and seconds since this island's round began; and the round whose
+    exchange is still in flight (fleet.overlap)."""
 
     def __init__(self) -> None:
+        self.in_flight: InFlight | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -145,21 +151,79 @@ class RoundClock:
         return time.perf_counter() - self.started
 
 
+def fleet_due(cfg: Config, island, clock: RoundClock) -> bool:
+    """After an inner step: whether the island ends its round, or takes in the result of the
+    exchange it overlapped with its last fleet.overlap steps (earlier when the next step saves
+    a checkpoint, which must not hold a round half done)."""
+    if clock.in_flight is not None and (
+        clock.steps >= cfg.fleet.overlap or saves_next(cfg, island.step)
+    ):
+        return True
+    return island.member.round_due(clock.steps, clock.seconds())
+
+
+def saves_next(cfg: Config, step: int) -> bool:
+    return bool(cfg.checkpoint.every) and (step + 1) % cfg.checkpoint.every == 0
+
+
 def sync_round(cfg: Config, island, place, out: Path, clock: RoundClock) -> bool:
-    """End this island's round: the leader syncs with the fleet. Returns True after the last one."""
+    """Take in the round in flight, if any; end this island's round if it is due: the leader
+    syncs with the fleet, in the background with fleet.overlap. Returns True after the last."""
+    if clock.in_flight is not None:
+        final = land_round(cfg, island, place, out, clock)
+        if final or not island.member.round_due(clock.steps, clock.seconds()):
+            return final
+    member = island.member
+    overlap = cfg.fleet.overlap > 0 and not saves_next(cfg, island.step)
+    if overlap and place.is_main:  # the run's final round is not: the fleet ends in agreement
+        overlap = not member.total_rounds or member.round_have + 1 < member.total_rounds
+    if cfg.fleet.overlap > 0 and place.world_size > 1:
+        overlap = agree(overlap)
+    if overlap:
+        clock.in_flight = InFlight()
+        if place.is_main:
+            pseudo_gradient = member.pseudo_gradient(island.model)
+            data, tokens = island.stream.state_dict(), clock.tokens
+            clock.in_flight = send_in_background(
+                lambda: member.exchange(pseudo_gradient, tokens, data)
+            )
+        clock.reset()
+        return False
     outcome = None
     if place.is_main:
         wall = time.time()
-        outcome = island.member.sync(island.model, clock.tokens, island.stream.state_dict())
-        if island.events is not None:
-            waited = wall + outcome.waiting_s
-            island.events.span("waiting", wall, waited)
-            kind = "exchange" if outcome.committed else "recovery"
-            island.events.span(kind, waited, time.time())
-        if outcome.checkpoint_by_me:
-            write_fleet_checkpoint(cfg, out, island.member, outcome)
+        outcome = member.sync(island.model, clock.tokens, island.stream.state_dict())
+        record_round(cfg, island, out, outcome, wall, wall + outcome.waiting_s)
     clock.reset()
     return share_round(island.model, outcome, place.world_size)
+
+
+def land_round(cfg: Config, island, place, out: Path, clock: RoundClock) -> bool:
+    """Wait for the exchange in flight and merge its result into the model (fleet.mix)."""
+    flight, clock.in_flight = clock.in_flight, None
+    wall = time.time()
+    outcome = flight.land()
+    if outcome is not None:
+        island.member.take(island.model, outcome, cfg.fleet.mix)
+        record_round(cfg, island, out, outcome, wall, wall)
+    return share_round(island.model, outcome, place.world_size)
+
+
+def record_round(cfg: Config, island, out: Path, outcome: RoundOutcome, wall, waited) -> None:
+    """Events of the island's blocking part of a round (`wall` to now), fleet checkpoint."""
+    if island.events is not None:
+        island.events.span("waiting", wall, waited)
+        kind = "exchange" if outcome.committed else "recovery"
+        island.events.span(kind, waited, time.time())
+    if outcome.checkpoint_by_me:
+        write_fleet_checkpoint(cfg, out, island.member, outcome)
+
+
+def agree(flag: bool) -> bool:
+    """The island's leader decides; its other ranks follow."""
+    value = torch.tensor([float(flag)])
+    dist.broadcast(value, 0)
+    return bool(value.item())
 
 
 def share_round(model: nn.Module, outcome: RoundOutcome | None, world_size: int) -> bool:

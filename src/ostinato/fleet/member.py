@@ -4,7 +4,8 @@ The member wraps the island's model with DiLoCo: at the end of its round budget 
 compressed pseudo-gradient, and the round's outer step is applied only if the fleet commits it.
 Failures are values: an exchange that fails is reported and retried with the survivors, and the
 island keeps its inner steps. A member that joins late is healed by a donor from the last
-committed round. Heartbeats go over their own connection, from their own thread.
+committed round. Heartbeats go over their own connection, from their own thread. With
+fleet.fragments > 1 a round carries one fragment of the parameters (fleet/streaming.py).
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ from ostinato.config import FleetConfig, GuardsConfig, budget_of
 from ostinato.fleet import wire
 from ostinato.fleet.compress import ErrorFeedback, from_bytes, unpack
 from ostinato.fleet.guards import pseudo_gradient_outliers
+from ostinato.fleet.heartbeat import Heartbeat
 from ostinato.fleet.link import parse_link
 from ostinato.fleet.outer import OuterState
+from ostinato.fleet.streaming import fragment_of
 
 log = logging.getLogger("ostinato")
 POLL_S = 0.005
@@ -44,36 +47,10 @@ class RoundOutcome:
     round: int
     exchange_s: float = 0.0
     waiting_s: float = 0.0
+    fragment: int | None = None  # what the round synchronised (streaming); None: everything
+    reload: str = "all"  # the model takes: "fragment" (the round's), "all" (healed), "" nothing
     checkpoint_by_me: bool = False
     data: dict[str, Any] | None = None  # every member's data position, for the fleet checkpoint
-
-
-class Heartbeat(threading.Thread):
-    """Tells the coordinator this island is alive, on a connection of its own."""
-
-    def __init__(self, cfg: FleetConfig, island: str, keys_prefix: str):
-        super().__init__(daemon=True, name="ostinato-heartbeat")
-        self.cfg, self.island, self.prefix = cfg, island, keys_prefix
-        self.status: dict[str, Any] = {"state": "starting"}
-        self._stopping = threading.Event()
-
-    def run(self) -> None:
-        beat, keys = 0, None
-        while True:
-            try:
-                keys = keys or wire.Keys(wire.connect(self.cfg.coordinator, 5.0), self.prefix)
-                keys.put(f"hb/{self.island}", {**self.status, "n": beat, "time": time.time()})
-                beat += 1
-            except (RuntimeError, ValueError, dist.DistStoreError):
-                keys = None  # the coordinator restarts: reconnect on the next beat
-            if self._stopping.is_set():
-                return  # after one last beat, so the coordinator sees the island leave
-            self._stopping.wait(self.cfg.heartbeat_s)
-
-    def stop(self) -> None:
-        self._stopping.set()
-        if self.is_alive():
-            self.join(timeout=5.0)
 
 
 class FleetMember:
@@ -92,7 +69,9 @@ class FleetMember:
         self.outer = OuterState(model, cfg)
         self.feedback = ErrorFeedback(self.outer.numel, cfg.compression, cfg.block)
         self.link = parse_link(cfg.link)
-        self.budget_kind, self.budget = budget_of(cfg)
+        self.budget_kind, budget = budget_of(cfg)
+        self.budget = budget / cfg.fragments  # per round: a fragment's share of H (or T)
+        self.total_rounds = int(fingerprint.get("rounds", 0))  # the final round syncs all
         self.round_have = 0  # last committed round whose global state this island holds
         self.role = "member"
         self.nonce = ""
@@ -116,7 +95,8 @@ class FleetMember:
         if self.role == "finished":
             log.info("fleet: the fleet has already finished its run")
         elif self.role == "joiner":
-            self._heal(model)
+            self._heal()
+            self.outer.load_into(model)
 
     def _connect(self) -> None:
         store = wire.connect(self.cfg.coordinator, self.cfg.connect_timeout_s)
@@ -172,7 +152,7 @@ class FleetMember:
             time.sleep(POLL_S)
         raise TimeoutError(f"fleet: no {what} from the coordinator within the timeout")
 
-    def _heal(self, model: nn.Module) -> None:
+    def _heal(self) -> None:
         """Receive the global parameters and outer state from the donor the coordinator names."""
         self.heartbeat.status["state"] = "recovering"
 
@@ -185,7 +165,6 @@ class FleetMember:
         state = self.outer.as_tensor()
         group.broadcast(state, 0).wait()
         self.outer.load_tensor(state)
-        self.outer.load_into(model)
         self.round_have, self.role = order["round"], "member"
         log.info("fleet: healed from %s at round %d", order["donor"], self.round_have)
 
@@ -211,34 +190,57 @@ class FleetMember:
         return seconds_in_round >= self.budget
 
     def sync(self, model: nn.Module, tokens: int, data: dict[str, Any]) -> RoundOutcome:
+        """Take part in the next round until it commits, then take its result into the model."""
+        outcome = self.exchange(self.pseudo_gradient(model), tokens, data)
+        self.take(model, outcome)
+        return outcome
+
+    def fragment(self, number: int) -> int | None:
+        """What round `number` synchronises (fleet/streaming.py)."""
+        return fragment_of(number, self.cfg.fragments, self.total_rounds)
+
+    def pseudo_gradient(self, model: nn.Module) -> torch.Tensor:
+        """This island's pseudo-gradient for its next round: that round's fragment."""
+        return self.outer.pseudo_gradient(model, self.fragment(self.round_have + 1))
+
+    def exchange(self, pseudo_gradient, tokens: int, data: dict[str, Any]) -> RoundOutcome:
         """Take part in the next round until it commits (retrying attempts as members fail).
+        Touches no model, so it can run while the island trains on (fleet.overlap).
 
         If the coordinator goes away, reconnect, say where this island stands, and go on.
         """
         while True:
             try:
-                return self._sync_once(model, tokens, data)
+                return self._sync_once(pseudo_gradient, tokens, data)
             except (dist.DistNetworkError, dist.DistStoreError) as exc:
                 log.warning("fleet: lost the coordinator (%s); reconnecting", str(exc)[:120])
                 self.outer.abort()
                 self._connect()
                 self._knock(reconnect=True)
                 if self.role != "member":
-                    return self._rejoin(model, self.outer.pseudo_gradient(model))
+                    return self._rejoin(pseudo_gradient)
 
-    def _sync_once(self, model: nn.Module, tokens: int, data: dict[str, Any]) -> RoundOutcome:
+    def take(self, model: nn.Module, outcome: RoundOutcome, mix: float = 0.0) -> None:
+        """The model takes the round's global parameters: the fragment it synchronised, merged
+        as local = mix * local + (1 - mix) * global; or all of them after a heal."""
+        if outcome.reload == "fragment":
+            self.outer.merge_into(model, outcome.fragment, mix)
+        elif outcome.reload == "all":
+            self.outer.load_into(model)
+
+    def _sync_once(self, pseudo_gradient, tokens: int, data: dict[str, Any]) -> RoundOutcome:
         self.heartbeat.status["state"] = "syncing"
         number = self.round_have + 1
+        assert pseudo_gradient.numel() == self.outer.size(self.fragment(number))
         ready = {"tokens": tokens, "data": data, "nonce": self.nonce}
         self.keys.put(f"ready/{number}/{self.island}", ready)
-        pseudo_gradient = self.outer.pseudo_gradient(model)
         waited, tried = time.perf_counter(), -1
         while True:
             record = self.keys.get(f"round/{number}")
             order = self.keys.get(f"heal/{self.island}/{self.nonce}")
             if order and order["round"] > self.round_have:  # the fleet moved on without us
                 log.warning("fleet: the coordinator found this island behind the fleet")
-                return self._rejoin(model, pseudo_gradient)
+                return self._rejoin(pseudo_gradient)
             if (
                 record
                 and record.get("decision") == "commit"
@@ -246,11 +248,11 @@ class FleetMember:
             ):
                 log.warning("fleet: round %d committed without this island", number)
                 self._knock(reconnect=True)
-                return self._rejoin(model, pseudo_gradient)
+                return self._rejoin(pseudo_gradient)
             if record and record["attempt"] > tried and self.island in record["members"]:
                 if record.get("decision") is None:
                     waiting_s = time.perf_counter() - waited
-                    outcome = self._attempt(model, pseudo_gradient, tokens, number, record)
+                    outcome = self._attempt(pseudo_gradient, tokens, number, record)
                     if outcome is not None:
                         outcome.waiting_s += waiting_s
                         return outcome
@@ -258,10 +260,11 @@ class FleetMember:
                 tried = record["attempt"]
             time.sleep(POLL_S)
 
-    def _attempt(self, model, pseudo_gradient, tokens, number, record) -> RoundOutcome | None:
+    def _attempt(self, pseudo_gradient, tokens, number, record) -> RoundOutcome | None:
         attempt, members = record["attempt"], record["members"]
+        fragment = self.fragment(number)
         started = time.perf_counter()
-        packed = self.feedback.compress(pseudo_gradient)
+        packed = self.feedback.compress(pseudo_gradient, self.outer.span(fragment)[0])
         count = torch.tensor([float(tokens)], dtype=torch.float64).view(torch.uint8)
         mine = torch.cat([packed.to_bytes(), count])
         try:
@@ -272,8 +275,8 @@ class FleetMember:
         if gathered is None:
             result = {"ok": False, "digest": None, "bytes_sent": 0, "tokens": tokens}
         else:
-            averaged, excluded = self._average(gathered, members)
-            digest = self.outer.tentative_step(averaged)
+            averaged, excluded = self._average(gathered, members, fragment)
+            digest = self.outer.tentative_step(averaged, fragment)
             sent = mine.numel() * (len(members) - 1)
             result = {"ok": True, "digest": digest, "bytes_sent": sent, "tokens": tokens}
             result["excluded"] = excluded
@@ -287,13 +290,12 @@ class FleetMember:
             time.sleep(min(1.0, 0.05 * (attempt + 1)))  # back off before the retry
             return None
         if self.island not in decision["members"]:
-            return self._quarantined(model, decision, number)
+            return self._quarantined(decision, number)
         self.outer.commit()
         if self.island in result.get("excluded", []):
             self.feedback.reset()  # this round's work was left out: do not carry its error
         else:
             self.feedback.commit()
-        self.outer.load_into(model)
         self.round_have = number
         for heal in decision.get("heal", []):
             if heal["donor"] == self.island:
@@ -305,6 +307,8 @@ class FleetMember:
             exchange_s=exchange_s,
             checkpoint_by_me=decision.get("checkpoint_by") == self.island,
             data=decision.get("data"),
+            fragment=fragment,
+            reload="fragment",
         )
 
     def _decision(self, number: int, attempt: int) -> dict[str, Any] | None:
@@ -350,16 +354,15 @@ class FleetMember:
         return gathered
 
     def _average(
-        self, gathered: list[torch.Tensor], members: list[str]
+        self, gathered: list[torch.Tensor], members: list[str], fragment: int | None = None
     ) -> tuple[torch.Tensor, list[str]]:
-        """Token-weighted mean of the pseudo-gradients that pass the outlier guard, summed in
-        member order so every member gets the same bits; and the members left out."""
+        """Token-weighted mean of the pseudo-gradients (of `fragment`; None: everything) that
+        pass the outlier guard, summed in member order so every member gets the same bits; and
+        the members left out."""
+        numel, cfg = self.outer.size(fragment), self.cfg
         weights = [float(raw[-8:].clone().view(torch.float64)) for raw in gathered]
         peers = [
-            unpack(
-                from_bytes(raw[:-8], self.outer.numel, self.cfg.compression, self.cfg.block),
-                self.cfg.block,
-            )
+            unpack(from_bytes(raw[:-8], numel, cfg.compression, cfg.block), cfg.block)
             for raw in gathered
         ]
         norms = [float(p.double().norm()) for p in peers]
@@ -367,27 +370,27 @@ class FleetMember:
         if len(left_out) == len(peers):
             left_out = []  # nothing to compare against: let the digest guard judge
         total = sum(w for i, w in enumerate(weights) if i not in left_out) or 1.0
-        averaged = torch.zeros(self.outer.numel)
+        averaged = torch.zeros(numel)
         for i, (peer, weight) in enumerate(zip(peers, weights, strict=True)):
             if i not in left_out:
                 averaged += (weight / total) * peer
         return averaged, [members[i] for i in left_out]
 
-    def _quarantined(self, model, decision: dict[str, Any], number: int) -> RoundOutcome:
+    def _quarantined(self, decision: dict[str, Any], number: int) -> RoundOutcome:
         """The fleet committed the round without this island: its global state disagreed with
         the majority's (silent corruption). Drop this round's work and take a donor's state."""
         log.warning("fleet: quarantined in round %d; healing from a donor", number)
         self.outer.abort()
         self.feedback.reset()  # the residual may hold the corruption too
-        self._heal(model)
+        self._heal()
         return RoundOutcome(committed=False, final=decision.get("final", False), round=number)
 
-    def _rejoin(self, model, pseudo_gradient) -> RoundOutcome:
+    def _rejoin(self, pseudo_gradient) -> RoundOutcome:
         """This island is behind the fleet: keep its work for its next round, get healed."""
-        self.feedback.carry(pseudo_gradient)
+        self.feedback.carry(pseudo_gradient, self.outer.span(self.fragment(self.round_have + 1))[0])
         if self.role == "finished":
-            return RoundOutcome(committed=False, final=True, round=self.round_have)
-        self._heal(model)
+            return RoundOutcome(committed=False, final=True, round=self.round_have, reload="")
+        self._heal()
         return RoundOutcome(committed=False, final=False, round=self.round_have)
 
     def close(self) -> None:

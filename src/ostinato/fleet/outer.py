@@ -3,16 +3,23 @@
 Global parameters live as one flat fp32 tensor on the host, whatever device the island trains
 on, because only host memory crosses islands. The optimizer is torch's own SGD (nesterov=True);
 a round's step is tentative until the fleet commits it, so it can be undone.
+
+For Streaming DiLoCo the flat tensor is cut into fragments (fleet/streaming.py): each is a
+Parameter viewing its slice, so a round steps one fragment's parameters and momentum and leaves
+the others alone (torch's SGD skips a parameter without a gradient). One fragment, the default,
+is plain DiLoCo.
 """
 
 from __future__ import annotations
 
 import hashlib
+import threading
 
 import torch
 from torch import nn
 
 from ostinato.config import FleetConfig
+from ostinato.fleet.streaming import fragment_cuts
 
 
 def unique_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -21,7 +28,11 @@ def unique_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def flatten(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().float().cpu().flatten() for p in unique_parameters(model)])
+    return _flat(unique_parameters(model))
+
+
+def _flat(params: list[nn.Parameter]) -> torch.Tensor:
+    return torch.cat([p.detach().float().cpu().flatten() for p in params])
 
 
 def digest(flat: torch.Tensor) -> str:
@@ -30,72 +41,122 @@ def digest(flat: torch.Tensor) -> str:
 
 class OuterState:
     def __init__(self, model: nn.Module, cfg: FleetConfig):
-        self.global_params = nn.Parameter(flatten(model))
+        sizes = [p.numel() for p in unique_parameters(model)]
+        self.cuts = fragment_cuts(sizes, cfg.fragments)  # tensor index where each one starts
+        offsets = [sum(sizes[:cut]) for cut in self.cuts]
+        self.bounds = list(zip(offsets[:-1], offsets[1:], strict=True))  # flat [lo, hi)
+        self.global_params = flatten(model)
+        self.parts = [nn.Parameter(self.global_params[lo:hi]) for lo, hi in self.bounds]
         momentum = cfg.outer_momentum
         self.optimizer = torch.optim.SGD(
-            [self.global_params], lr=cfg.outer_lr, momentum=momentum, nesterov=momentum > 0
+            self.parts, lr=cfg.outer_lr, momentum=momentum, nesterov=momentum > 0
         )
-        self._undo: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._undo: list[tuple[int, torch.Tensor, torch.Tensor | None]] | None = None
+        # The training thread reads the global parameters (rollback, heal) while a streaming
+        # exchange may step them in the background: each operation is atomic.
+        self.lock = threading.RLock()
 
     @property
     def numel(self) -> int:
         return self.global_params.numel()
 
-    def pseudo_gradient(self, model: nn.Module) -> torch.Tensor:
+    def span(self, fragment: int | None) -> tuple[int, int]:
+        """[lo, hi) of a fragment in the flat tensor; None: the whole of it."""
+        if fragment is None:
+            return 0, self.numel
+        return self.bounds[fragment]
+
+    def size(self, fragment: int | None) -> int:
+        lo, hi = self.span(fragment)
+        return hi - lo
+
+    def _fragments(self, fragment: int | None) -> range:
+        return range(len(self.parts)) if fragment is None else range(fragment, fragment + 1)
+
+    def _params(self, model: nn.Module, fragment: int | None) -> list[nn.Parameter]:
+        chosen = self._fragments(fragment)
+        return unique_parameters(model)[self.cuts[chosen[0]] : self.cuts[chosen[-1] + 1]]
+
+    def pseudo_gradient(self, model: nn.Module, fragment: int | None = None) -> torch.Tensor:
         """global - local: the direction the island moved, as a gradient of the global model."""
-        return self.global_params.detach() - flatten(model)
+        lo, hi = self.span(fragment)
+        with self.lock:
+            return self.global_params[lo:hi] - _flat(self._params(model, fragment))
+
+    def _momentum_of(self, index: int) -> torch.Tensor | None:
+        return self.optimizer.state.get(self.parts[index], {}).get("momentum_buffer")
 
     def _momentum(self) -> torch.Tensor | None:
-        return self.optimizer.state.get(self.global_params, {}).get("momentum_buffer")
+        """The whole momentum, zeros where a fragment has none yet; None before any step."""
+        buffers = [self._momentum_of(i) for i in range(len(self.parts))]
+        if all(b is None for b in buffers):
+            return None
+        zeros = [torch.zeros_like(p.detach()) for p in self.parts]
+        return torch.cat([z if b is None else b for b, z in zip(buffers, zeros, strict=True)])
 
-    def tentative_step(self, averaged: torch.Tensor) -> str:
-        """Apply the averaged pseudo-gradient; returns the digest of the new global parameters."""
-        momentum = self._momentum()
-        self._undo = (
-            self.global_params.detach().clone(),
-            None if momentum is None else momentum.clone(),
-        )
-        self.global_params.grad = averaged
-        self.optimizer.step()
-        self.global_params.grad = None
-        return digest(self.global_params.detach())
+    def tentative_step(self, averaged: torch.Tensor, fragment: int | None = None) -> str:
+        """Apply the averaged pseudo-gradient of a fragment (None: of all of them); returns the
+        digest of the new global parameters, all of them."""
+        with self.lock:
+            chosen = self._fragments(fragment)
+            self._undo = []
+            base = self.bounds[chosen[0]][0]
+            for i in chosen:
+                momentum = self._momentum_of(i)
+                saved = None if momentum is None else momentum.clone()
+                self._undo.append((i, self.parts[i].detach().clone(), saved))
+                lo, hi = self.bounds[i]
+                self.parts[i].grad = averaged[lo - base : hi - base]
+            self.optimizer.step()
+            for i in chosen:
+                self.parts[i].grad = None
+            return digest(self.global_params)
 
     def commit(self) -> None:
         self._undo = None
 
     def abort(self) -> None:
-        if self._undo is None:
-            return
-        params, momentum = self._undo
-        with torch.no_grad():
-            self.global_params.copy_(params)
-        if momentum is None:
-            self.optimizer.state.pop(self.global_params, None)
-        else:
-            self.optimizer.state[self.global_params]["momentum_buffer"] = momentum
-        self._undo = None
+        with self.lock:
+            for i, params, momentum in self._undo or []:
+                with torch.no_grad():
+                    self.parts[i].copy_(params)
+                if momentum is None:
+                    self.optimizer.state.pop(self.parts[i], None)
+                else:
+                    self.optimizer.state[self.parts[i]]["momentum_buffer"] = momentum
+            self._undo = None
 
-    def load_into(self, model: nn.Module) -> None:
-        """Set the island's parameters to the global ones (start of a round)."""
-        offset = 0
-        with torch.no_grad():
-            for param in unique_parameters(model):
+    def load_into(self, model: nn.Module, fragment: int | None = None) -> None:
+        """Set the island's parameters of a fragment (None: all) to the global ones."""
+        self.merge_into(model, fragment, 0.0)
+
+    def merge_into(self, model: nn.Module, fragment: int | None, mix: float) -> None:
+        """local = mix * local + (1 - mix) * global, over a fragment's parameters (None: all)."""
+        offset = self.span(fragment)[0]
+        with torch.no_grad(), self.lock:
+            for param in self._params(model, fragment):
                 size = param.numel()
-                param.copy_(self.global_params[offset : offset + size].view_as(param))
+                new = self.global_params[offset : offset + size].view_as(param)
+                if mix == 0.0:
+                    param.copy_(new)
+                else:
+                    param.lerp_(new.to(param.device, param.dtype), 1.0 - mix)
                 offset += size
 
     def as_tensor(self) -> torch.Tensor:
         """Global parameters and momentum, one flat tensor: what a donor sends."""
-        momentum = self._momentum()
-        if momentum is None:
-            momentum = torch.zeros_like(self.global_params)
-        return torch.cat([self.global_params.detach(), momentum])
+        with self.lock:
+            momentum = self._momentum()
+            if momentum is None:
+                momentum = torch.zeros_like(self.global_params)
+            return torch.cat([self.global_params, momentum])
 
     def load_tensor(self, flat: torch.Tensor) -> None:
         params, momentum = flat.split(self.numel)
-        with torch.no_grad():
+        with torch.no_grad(), self.lock:
             self.global_params.copy_(params)
-        self.optimizer.state[self.global_params]["momentum_buffer"] = momentum.clone()
+            for part, (lo, hi) in zip(self.parts, self.bounds, strict=True):
+                self.optimizer.state[part]["momentum_buffer"] = momentum[lo:hi].clone()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"state": self.as_tensor()}

@@ -357,9 +357,7 @@ def run_steps(
             if metrics is not None:
                 metrics.write(record)
             progress.update(record, total)
-            if island.member is not None and island.member.round_due(
-                rounds.steps, rounds.seconds()
-            ):
+            if island.member is not None and fleet_island.fleet_due(cfg, island, rounds):
                 final = fleet_island.sync_round(cfg, island, place, out, rounds)
                 writer.last_saved_step = None  # the round changed the parameters
                 if final:

@@ -1,0 +1,41 @@
+"""An island's heartbeats to the coordinator, on a connection and a thread of their own, so a
+link saturated by pseudo-gradients does not make a healthy island look dead."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import torch.distributed as dist
+
+from ostinato.config import FleetConfig
+from ostinato.fleet import wire
+
+
+class Heartbeat(threading.Thread):
+    """Tells the coordinator this island is alive, on a connection of its own."""
+
+    def __init__(self, cfg: FleetConfig, island: str, keys_prefix: str):
+        super().__init__(daemon=True, name="ostinato-heartbeat")
+        self.cfg, self.island, self.prefix = cfg, island, keys_prefix
+        self.status: dict[str, Any] = {"state": "starting"}
+        self._stopping = threading.Event()
+
+    def run(self) -> None:
+        beat, keys = 0, None
+        while True:
+            try:
+                keys = keys or wire.Keys(wire.connect(self.cfg.coordinator, 5.0), self.prefix)
+                keys.put(f"hb/{self.island}", {**self.status, "n": beat, "time": time.time()})
+                beat += 1
+            except (RuntimeError, ValueError, dist.DistStoreError):
+                keys = None  # the coordinator restarts: reconnect on the next beat
+            if self._stopping.is_set():
+                return  # after one last beat, so the coordinator sees the island leave
+            self._stopping.wait(self.cfg.heartbeat_s)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self.is_alive():
+            self.join(timeout=5.0)
