@@ -19,7 +19,7 @@ FLEET = [
     "--fleet.rounds=22",
     "--checkpoint.every=5",
     "--fleet.heartbeat_s=0.2",
-    "--fleet.heartbeat_timeout_s=2",
+    "--fleet.heartbeat_timeout_s=3",
     "--fleet.timeout_s=5",
     "--fleet.grace_s=2",
 ]
@@ -136,7 +136,7 @@ def test_random_kills_lose_no_checkpoint_and_land_near_the_fault_free_run(
         "--fleet.min_islands=1",
         "--checkpoint.every=5",
         "--fleet.heartbeat_s=0.2",
-        "--fleet.heartbeat_timeout_s=2",
+        "--fleet.heartbeat_timeout_s=3",
         "--fleet.timeout_s=5",
         "--fleet.grace_s=1",
         "--train.steps=400",

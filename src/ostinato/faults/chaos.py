@@ -171,7 +171,7 @@ def chaos(
     reference_loss = None
     if compare:
         console.print("[bold]chaos[/]: the fault-free reference fleet first")
-        reference = LocalFleet(config, out / "reference", names, overrides, per_island, "none", 0)
+        reference = LocalFleet(config, out / "reference", names, overrides, per_island, "none", 3)
         if reference.run() != 0:
             raise RuntimeError("the fault-free reference fleet failed; see its output above")
         reference_loss, _ = final_state(out / "reference", names)
