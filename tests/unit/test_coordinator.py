@@ -684,3 +684,21 @@ def test_a_ready_mark_left_by_a_dead_process_does_not_count(make_coordinator):
     b.ready(1)
     rec = drive(coordinator, [a, b], planned(coordinator, 1, 0))
     assert rec["members"] == ["a", "b"]
+
+
+def test_a_quarantined_island_is_healed_once_and_then_takes_part_again(make_coordinator):
+    coordinator = make_coordinator()
+    a, b = Island(coordinator, "a"), Island(coordinator, "b")
+    for island in (a, b):
+        island.knock(coordinator)
+        island.ready(1)
+    drive(coordinator, [a, b], planned(coordinator, 1, 0))
+    a.result(1, 0, digest="flipped", excluded=["a"])
+    b.result(1, 0, digest="good", excluded=["a"])
+    done = drive(coordinator, [a, b], decided(coordinator, 1, 0))
+    assert done["members"] == ["b"] and [h["island"] for h in done["heal"]] == ["a"]
+    # a's mark for round 1 is still there, but a was healed at round 1: it is not late
+    a.ready(2)
+    b.ready(2)
+    rec = drive(coordinator, [a, b], planned(coordinator, 2, 0))
+    assert rec["members"] == ["a", "b"]

@@ -80,6 +80,7 @@ class Coordinator:
         self.round = RoundState()
         self.last_committed = 0
         self.last_members: list[str] = []
+        self.last_healed: list[str] = []  # healed by the last commit: current, not late
         self.committed_here = 0  # rounds committed by this coordinator process
         self.started = time.monotonic()
         self.finished = False
@@ -306,7 +307,8 @@ class Coordinator:
         """A member ready for an already committed round missed it: it must be healed."""
         for view in self.islands.values():
             late = self._ready(self.last_committed, view.name)
-            if view.role == "member" and late and view.name not in self.last_members:
+            current = view.name in self.last_members or view.name in self.last_healed
+            if view.role == "member" and late and not current:
                 view.role = "joiner"
 
     def _watch_exchange(self) -> None:
@@ -393,6 +395,7 @@ class Coordinator:
             if view.role == "member":
                 view.have = state.number
         self.last_members = list(state.members)
+        self.last_healed = list(joiners)
         self.last_committed = state.number
         self.committed_here += 1
         self.round = RoundState(number=state.number + 1)
