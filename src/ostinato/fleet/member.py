@@ -95,7 +95,8 @@ class FleetMember:
         if self.role == "finished":
             log.info("fleet: the fleet has already finished its run")
         elif self.role == "joiner":
-            self._heal()
+            if self._heal():
+                self.role = "finished"  # healed at the fleet's last round: nothing left to train
             self.outer.load_into(model)
 
     def _connect(self) -> None:
@@ -152,8 +153,9 @@ class FleetMember:
             time.sleep(POLL_S)
         raise TimeoutError(f"fleet: no {what} from the coordinator within the timeout")
 
-    def _heal(self) -> None:
-        """Receive the global parameters and outer state from the donor the coordinator names."""
+    def _heal(self) -> bool:
+        """Receive the global parameters and outer state from the donor the coordinator names.
+        Returns whether the round it was healed at is the fleet's last."""
         self.heartbeat.status["state"] = "recovering"
 
         def new_order():
@@ -167,11 +169,11 @@ class FleetMember:
         self.outer.load_tensor(state)
         self.round_have, self.role = order["round"], "member"
         log.info("fleet: healed from %s at round %d", order["donor"], self.round_have)
+        return bool(order.get("final"))
 
-    def _serve_heal(self, heal: dict[str, Any], round_number: int) -> None:
-        self.keys.put(
-            f"heal/{heal['island']}/{heal['nonce']}", {"round": round_number, "donor": self.island}
-        )
+    def _serve_heal(self, heal: dict[str, Any], round_number: int, final: bool) -> None:
+        order = {"round": round_number, "donor": self.island, "final": final}
+        self.keys.put(f"heal/{heal['island']}/{heal['nonce']}", order)
         try:
             group = self._group(f"healpg/{round_number}/{heal['island']}", rank=0, size=2)
             group.broadcast(self.outer.as_tensor(), 0).wait()
@@ -179,7 +181,11 @@ class FleetMember:
             log.warning("fleet: healing %s failed (%s)", heal["island"], exc)
 
     def _group(self, name: str, rank: int, size: int) -> dist.ProcessGroup:
-        store = dist.PrefixStore(f"{self.prefix}/{name}", self.keys.store)
+        # A store connection of its own: a client serves one request at a time, and a peer that
+        # died leaves gloo's rendezvous blocked on it, which must not block polling the
+        # coordinator (or the next attempt's rendezvous).
+        own = wire.connect(self.cfg.coordinator, self.cfg.connect_timeout_s)
+        store = dist.PrefixStore(f"{self.prefix}/{name}", own)
         return dist.ProcessGroupGloo(store, rank, size, timedelta(seconds=self.cfg.timeout_s))
 
     # --- rounds -----------------------------------------------------------------------------
@@ -299,7 +305,7 @@ class FleetMember:
         self.round_have = number
         for heal in decision.get("heal", []):
             if heal["donor"] == self.island:
-                self._serve_heal(heal, number)
+                self._serve_heal(heal, number, decision.get("final", False))
         return RoundOutcome(
             committed=True,
             final=decision.get("final", False),
@@ -390,8 +396,8 @@ class FleetMember:
         self.feedback.carry(pseudo_gradient, self.outer.span(self.fragment(self.round_have + 1))[0])
         if self.role == "finished":
             return RoundOutcome(committed=False, final=True, round=self.round_have, reload="")
-        self._heal()
-        return RoundOutcome(committed=False, final=False, round=self.round_have)
+        final = self._heal()  # healed at the last round: the run is over for this island too
+        return RoundOutcome(committed=False, final=final, round=self.round_have)
 
     def close(self) -> None:
         self.heartbeat.status["state"] = "done"
