@@ -12,7 +12,7 @@ Both fleets run on a time budget (--round-s seconds of inner steps per round, mi
 rounds), so a storm lasts about --minutes. A watchdog kills a run whose fleet commits no round
 for --stall-s seconds and reports it as stalled rather than waiting forever.
 
-Usage: .venv/bin/python bench/chaos_storm.py [--minutes 4] [--mtbf 60 20] [--out DIR]
+Usage: .venv/bin/python bench/chaos_storm.py [--minutes 4] [--mtbf 60 20] [--out DIR] [--reuse]
 """
 
 from __future__ import annotations
@@ -141,6 +141,14 @@ def run_chaos(name: str, out: Path, command: list[str], stall_s: float, retries:
     return run
 
 
+def reused(name: str, out: Path, command: list[str]) -> Run:
+    """A run an earlier invocation finished (--reuse): measured again, not run again."""
+    print(f"[{name}] reusing the finished run in {out}", flush=True)
+    run = Run(name, out, command, exit_code=None, stalled=None, wall_s=0.0)
+    run.report = json.loads((out / "chaos.json").read_text())
+    return run
+
+
 def stop_group(process: subprocess.Popen) -> None:
     os.killpg(process.pid, signal.SIGTERM)
     try:
@@ -234,6 +242,15 @@ def by_kind(report: dict) -> dict[str, dict]:
     return kinds
 
 
+def tokens_committed(fleet_dir: Path) -> int | None:
+    """Tokens of the members of every committed round: the training the fleet kept."""
+    path = fleet_dir / "rounds.jsonl"
+    if not path.exists():
+        return None
+    rounds = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return sum(sum(r["tokens"].get(m, 0) for m in r["members"]) for r in rounds)
+
+
 def median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
@@ -246,6 +263,7 @@ def measure(run: Run) -> dict:
     result["identical"] = report.get("parameters_identical")
     result["undetected"] = report.get("undetected")
     result["kinds"] = by_kind(report)
+    result["tokens"] = (tokens_committed(run.out), tokens_committed(run.out / "reference"))
     crashes = []
     if report and (run.out / "reference").exists():
         baseline = {n: waiting_rate(run.out / "reference", n) for n in ISLANDS}
@@ -272,6 +290,8 @@ def print_run(run: Run, result: dict) -> None:
         f" vs reference {fmt(result['reference'], '.4f')} (ratio {fmt(loss_ratio, '.4f')}); "
         f"undetected {result['undetected']}; identical parameters {result['identical']}"
     )
+    storm_tokens, reference_tokens = result["tokens"]
+    print(f"tokens committed: {storm_tokens} under the storm, {reference_tokens} in the reference")
     print("| kind | struck | detected | median s to detection | median s to recovery |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for kind, e in sorted(result["kinds"].items()):
@@ -337,6 +357,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "chaos_storm")
     parser.add_argument("--stall-s", type=float, default=180.0, help="watchdog: no round for")
     parser.add_argument("--retries", type=int, default=1, help="when the reference fails")
+    parser.add_argument("--reuse", action="store_true", help="measure finished runs in --out")
     return parser.parse_args(argv)
 
 
@@ -351,7 +372,11 @@ def main(argv=None) -> int:
         print("  " + ", ".join(f"{f.kind}@{f.island}:{f.at_s:.0f}s" for f in schedule))
         name = f"storm-mtbf{mtbf:g}"
         command = chaos_command(args.out / name, spec, args, compare=True)
-        run = run_chaos(name, args.out / name, command, args.stall_s, args.retries)
+        out = args.out / name
+        if args.reuse and (out / "chaos.json").exists():
+            run = reused(name, out, command)
+        else:
+            run = run_chaos(name, out, command, args.stall_s, args.retries)
         result = measure(run)
         print_run(run, result)
         rows += target_rows(name, mtbf, result)

@@ -11,7 +11,7 @@ bench/chaos_storm.py, when present) are calibrated as extra rows with --also.
 Part 2: `ostinato plan --preset llama3-405b --json` and `--preset torchft-l40s --json` against
 the figures their sources publish (shared/FACTS.md; target: within 10%).
 
-Usage: .venv/bin/python bench/plan_accuracy.py [--minutes 3] [--out DIR] [--also DIR ...]
+Usage: .venv/bin/python bench/plan_accuracy.py [--minutes 3] [--out DIR] [--also DIR ...] [--reuse]
 """
 
 from __future__ import annotations
@@ -184,7 +184,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--stall-s", type=float, default=180.0, help="watchdog: no round for")
     parser.add_argument("--also", type=Path, nargs="*", default=also, help="more chaos dirs")
     parser.add_argument("--only", nargs="*", help="run only these scenarios (names)")
-    parser.add_argument("--skip-runs", action="store_true", help="calibrate existing dirs only")
+    parser.add_argument("--reuse", action="store_true", help="keep runs that wrote chaos.json")
     return parser.parse_args(argv)
 
 
@@ -194,7 +194,12 @@ def main(argv=None) -> int:
     for scenario in SCENARIOS:
         if args.only and scenario.name not in args.only:
             continue
-        dirs.append(args.out / scenario.name if args.skip_runs else run_scenario(scenario, args))
+        done = (args.out / scenario.name / "chaos.json").exists()
+        if args.reuse and done:
+            print(f"[{scenario.name}] reusing the finished run in {args.out / scenario.name}")
+            dirs.append(args.out / scenario.name)
+        else:
+            dirs.append(run_scenario(scenario, args))
     rows = [calibrate(d) for d in [*dirs, *args.also]]
     print_calibration(rows)
     print_presets(preset_rows())
