@@ -8,6 +8,9 @@ per fault kind the seconds from fault to detection and to recovery (the island t
 for a crash also the seconds the OTHER islands lost to it, read from their waiting spans. Then
 a table of each measure against the target of issue 4.
 
+Only the first storm runs `--compare`; the later storms are measured against its fault-free
+fleet (the same islands, recipe and rounds), which saves one reference run per storm.
+
 Both fleets run on a time budget (--round-s seconds of inner steps per round, minutes*60/round_s
 rounds), so a storm lasts about --minutes. A watchdog kills a run whose fleet commits no round
 for --stall-s seconds and reports it as stalled rather than waiting forever.
@@ -29,6 +32,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ostinato.faults.chaos import final_state
 from ostinato.faults.goodput import read_events, summarize
 from ostinato.faults.spec import parse_faults
 
@@ -255,18 +259,20 @@ def median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def measure(run: Run) -> dict:
-    """Everything the tables need from one run."""
+def measure(run: Run, reference: Path) -> dict:
+    """Everything the tables need from one run, against the fault-free fleet in `reference`."""
     report = run.report
     result = {"goodput": report.get("goodput"), "final": report.get("final_loss")}
     result["reference"] = report.get("reference_loss")
+    if result["reference"] is None and (reference / "a").exists():
+        result["reference"] = final_state(reference, list(ISLANDS))[0]
     result["identical"] = report.get("parameters_identical")
     result["undetected"] = report.get("undetected")
     result["kinds"] = by_kind(report)
-    result["tokens"] = (tokens_committed(run.out), tokens_committed(run.out / "reference"))
+    result["tokens"] = (tokens_committed(run.out), tokens_committed(reference))
     crashes = []
-    if report and (run.out / "reference").exists():
-        baseline = {n: waiting_rate(run.out / "reference", n) for n in ISLANDS}
+    if report and (reference / "a").exists():
+        baseline = {n: waiting_rate(reference, n) for n in ISLANDS}
         crashes = crash_cost_to_others(run.out, baseline)
     result["crashes"] = crashes
     return result
@@ -364,6 +370,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     rows = []
+    reference = None  # the first storm's fault-free fleet, shared by the later storms
     for mtbf in args.mtbf:
         seed = pick_seed(mtbf, args.minutes, args.seed, args.warmup_s)
         spec = storm_spec(mtbf, seed, args.minutes)
@@ -371,13 +378,14 @@ def main(argv=None) -> int:
         print(f"\nstorm {spec}: {len(schedule)} faults scheduled:", flush=True)
         print("  " + ", ".join(f"{f.kind}@{f.island}:{f.at_s:.0f}s" for f in schedule))
         name = f"storm-mtbf{mtbf:g}"
-        command = chaos_command(args.out / name, spec, args, compare=True)
         out = args.out / name
+        command = chaos_command(out, spec, args, compare=reference is None)
         if args.reuse and (out / "chaos.json").exists():
             run = reused(name, out, command)
         else:
             run = run_chaos(name, out, command, args.stall_s, args.retries)
-        result = measure(run)
+        reference = reference or out / "reference"
+        result = measure(run, reference)
         print_run(run, result)
         rows += target_rows(name, mtbf, result)
     print_targets(rows)

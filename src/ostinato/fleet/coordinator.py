@@ -58,6 +58,18 @@ class RoundState:
     exchange_started: float = 0.0
 
 
+def _differences(name: str, ours: Any, theirs: Any) -> list[tuple[str, Any, Any]]:
+    """(dotted field, fleet's value, island's value) for each field that differs, so that a
+    refusal names `model.n_layers` rather than printing two whole config sections."""
+    if isinstance(ours, dict) and isinstance(theirs, dict):
+        return [
+            found
+            for key in sorted(set(ours) | set(theirs))
+            for found in _differences(f"{name}.{key}", ours.get(key), theirs.get(key))
+        ]
+    return [] if ours == theirs else [(name, ours, theirs)]
+
+
 class Coordinator:
     def __init__(
         self,
@@ -205,8 +217,9 @@ class Coordinator:
             self.fingerprint.update({k: v for k, v in fingerprint.items() if k not in known})
             return None
         details = "; ".join(
-            f"{k}: fleet {self.fingerprint.get(k)!r}, island {fingerprint.get(k)!r}"
+            f"{name}: fleet {ours!r}, island {theirs!r}"
             for k in differing
+            for name, ours, theirs in _differences(k, self.fingerprint.get(k), fingerprint.get(k))
         )
         return f"its config differs from the fleet's in {', '.join(differing)} ({details})"
 

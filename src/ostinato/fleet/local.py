@@ -156,8 +156,13 @@ class LocalFleet:
             self.tick()
             for island in self.islands.values():
                 self._check(island)
+            if any(i.exits and i.exits[-1] == 2 for i in self.islands.values()):
+                # A refused island (bad config, or not the fleet's recipe) never will be admitted:
+                # the fleet asked for cannot run, so stop the others rather than let them wait.
+                console.print("[red]fleet: an island was refused; stopping the fleet[/]")
+                break
         self._drain(0.0)
-        failed = [i.name for i in self.islands.values() if i.exits[-1] != 0]
+        failed = [i.name for i in self.islands.values() if not i.exits or i.exits[-1] != 0]
         goodput = summarize(self.out, f"fleet {self.out.name}")
         render_table(goodput, console)
         console.print(
