@@ -150,6 +150,8 @@ def reused(name: str, out: Path, command: list[str]) -> Run:
     print(f"[{name}] reusing the finished run in {out}", flush=True)
     run = Run(name, out, command, exit_code=None, stalled=None, wall_s=0.0)
     run.report = json.loads((out / "chaos.json").read_text())
+    # accounted again by this checkout's goodput code, which may be newer than the run
+    run.report["goodput"] = summarize(out, f"{name} (accounted again)").goodput
     return run
 
 

@@ -25,6 +25,8 @@ from pathlib import Path
 
 from chaos_storm import ROOT, chaos_command, pick_seed, run_watched, storm_spec
 
+from ostinato.faults.goodput import summarize
+
 
 @dataclass(frozen=True)
 class Scenario:
@@ -87,6 +89,7 @@ def run_scenario(scenario: Scenario, args) -> Path:
 def calibrate(out: Path) -> dict:
     """One row: measured against predicted, and the measured run's losses by category."""
     row = {"name": out.name, "dir": out}
+    summarize(out, f"{out.name} (accounted again)")  # this checkout's accounting, as calibrate's
     try:
         fit = ostinato("plan", "--calibrate", str(out), "--json")
     except RuntimeError as exc:

@@ -103,7 +103,9 @@ def overrides(args: argparse.Namespace, tokenizer: Path) -> list[str]:
     ]
 
 
-def prepare_data(out: Path, args: argparse.Namespace) -> tuple[list[str], dict[str, int]]:
+def prepare_data(
+    out: Path, args: argparse.Namespace, names: tuple[str, ...] = ("a", "b")
+) -> tuple[list[str], dict[str, int]]:
     """Train the tokenizer once, for both sides; keep the validation tokens for the loss curves.
 
     Returns the overrides of every run and each replica's data seed, the one an ostinato island
@@ -121,7 +123,7 @@ def prepare_data(out: Path, args: argparse.Namespace) -> tuple[list[str], dict[s
     torch.save({"validation": tokenize(tokenizer, documents.validation)}, out / "data.pt")
     seeds = {
         n: island_seed(load_config(RECIPE, [*MODEL, "fleet.coordinator=x:1", f"fleet.island={n}"]))
-        for n in ("a", "b")
+        for n in names
     }
     return overrides(args, path), seeds
 
@@ -208,7 +210,7 @@ def fleet_options(args: argparse.Namespace) -> list[str]:
 
 
 def start_coordinator(
-    out: Path, cfg: list[str], args: argparse.Namespace
+    out: Path, cfg: list[str], args: argparse.Namespace, expect: int = 2
 ) -> tuple[subprocess.Popen, str]:
     """The coordinator gets the islands' overrides too: it refuses islands whose model or
     rounds differ from its own recipe."""
@@ -218,7 +220,7 @@ def start_coordinator(
         str(out),
         "--config",
         str(RECIPE),
-        "--fleet.expect=2",
+        f"--fleet.expect={expect}",
         *[f"--{o}" for o in cfg],
         *fleet_options(args),
     ]
@@ -256,7 +258,7 @@ def run_ostinato(out: Path, cfg: list[str], args: argparse.Namespace) -> Side:
     copier.poll()
     coordinator.terminate()
     finish([coordinator], timeout=10)
-    side = Side("ostinato", ostinato_steps(out, restarted), killed, restarted)
+    side = Side("ostinato", ostinato_steps(out, {"a": [], "b": [restarted]}), killed, restarted)
     side.rounds = len(read_jsonl(out / "rounds.jsonl"))
     side.curve = ostinato_curve(out, cfg)
     return side
@@ -284,8 +286,9 @@ class CheckpointCopier:
                     shutil.rmtree(target, ignore_errors=True)  # rotated away mid-copy
 
 
-def ostinato_steps(out: Path, restarted: float) -> dict[str, list[Step]]:
-    """Each island's inner steps from its events.jsonl.
+def ostinato_steps(out: Path, restarts: dict[str, list[float]]) -> dict[str, list[Step]]:
+    """Each island's inner steps from its events.jsonl; `restarts` holds, per island, when each
+    of its processes after the first started (a step's life is how many started before it).
 
     After a round's inner steps the island logs a `waiting` span, then `exchange` if the round
     committed with it or `recovery` if it did not. After `recovery` the member carries its
@@ -295,10 +298,10 @@ def ostinato_steps(out: Path, restarted: float) -> dict[str, list[Step]]:
     rounds = read_jsonl(out / "rounds.jsonl")
     quarantined = {g["island"] for g in read_jsonl(out / "guards.jsonl") if g["guard"] == "digest"}
     steps = {}
-    for name in ("a", "b"):
+    for name, restarted in restarts.items():
         steps[name], pending, waited = [], [], None
         for event in read_jsonl(out / name / "events.jsonl"):
-            life = int(event.get("start", 0) > restarted and name == "b")
+            life = sum(event.get("start", 0) > t for t in restarted)
             if pending and pending[-1].life != life:  # the process died with these
                 steps[name] += pending
                 pending = []
@@ -391,7 +394,7 @@ def make_venv(venv: Path) -> str | None:
     return None
 
 
-def run_torchft(out: Path, cfg: list[str], seeds: dict[str, int], args: argparse.Namespace) -> Side:
+def start_lighthouse(out: Path, args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     port = free_port()
     lighthouse = spawn(
         [
@@ -407,11 +410,16 @@ def run_torchft(out: Path, cfg: list[str], seeds: dict[str, int], args: argparse
         ],
         out / "lighthouse.log",
     )
+    return lighthouse, f"http://127.0.0.1:{port}"
+
+
+def run_torchft(out: Path, cfg: list[str], seeds: dict[str, int], args: argparse.Namespace) -> Side:
+    lighthouse, address = start_lighthouse(out, args)
     setup = {
         "overrides": cfg,
         "h": args.h,
         "rounds": args.rounds,
-        "lighthouse": f"http://127.0.0.1:{port}",
+        "lighthouse": address,
         "timeout_s": args.timeout_s,
         "seeds": seeds,
     }
@@ -437,11 +445,11 @@ def run_torchft(out: Path, cfg: list[str], seeds: dict[str, int], args: argparse
     return side
 
 
-def torchft_steps(out: Path) -> dict[str, list[Step]]:
+def torchft_steps(out: Path, names: tuple[str, ...] = ("a", "b")) -> dict[str, list[Step]]:
     """A step is kept if the next sync of its process committed without healing it: a failed
     commit restores the last global parameters, and healing overwrites the local ones."""
     steps = {}
-    for name in ("a", "b"):
+    for name in names:
         steps[name], pending = [], []
         for row in read_jsonl(out / f"{name}.steps.jsonl"):
             if pending and pending[-1].life != row["life"]:  # the process died with these
@@ -528,7 +536,7 @@ def worker_main(out: Path, name: str, life: int) -> None:
     )
     commits = record_commits(manager)
     if life == 0:
-        barrier(out, name)
+        barrier(out, name, list(setup["seeds"]))
     train_replica(out, name, life, cfg, setup, model, inner, outer, stream, manager, state, commits)
     os._exit(0)  # the manager's threads would keep the process waiting
 
@@ -557,10 +565,10 @@ def record_commits(manager) -> list[bool]:
     return commits
 
 
-def barrier(out: Path, name: str) -> None:
-    """Both first processes start training together, as ostinato's fleet.expect=2 makes them."""
+def barrier(out: Path, name: str, names: list[str]) -> None:
+    """The first processes start training together, as ostinato's fleet.expect makes them."""
     (out / f"ready.{name}").touch()
-    while not all((out / f"ready.{n}").exists() for n in ("a", "b")):
+    while not all((out / f"ready.{n}").exists() for n in names):
         time.sleep(0.01)
 
 

@@ -39,8 +39,9 @@ FLEET = [
     span("b", "compute", 11, 20),
     span("c", "compute", 10, 20),
 ]
-EXPECTED = {"compute": 12 + 14 + 10, "exchange": 4, "waiting": 1, "checkpoint": 1,
-            "recovery": 3 + 2, "discarded": 4, "idle": 2, "down": 4}  # fmt: skip
+# b's compute 0-5 died with it (it never exchanged): discarded.
+EXPECTED = {"compute": 12 + 9 + 10, "exchange": 4, "waiting": 1, "checkpoint": 1,
+            "recovery": 3 + 2, "discarded": 4 + 5, "idle": 2, "down": 4}  # fmt: skip
 
 
 def test_fleet_seconds_are_exact():
@@ -49,8 +50,8 @@ def test_fleet_seconds_are_exact():
     assert list(goodput.seconds) == list(CATEGORIES)
     assert goodput.island_s == pytest.approx(27 + 20 + 10)
     assert goodput.wall_s == pytest.approx(27)
-    assert goodput.goodput == pytest.approx(36 / 57)
-    assert json.loads(json.dumps(goodput.to_json()))["goodput"] == pytest.approx(36 / 57)
+    assert goodput.goodput == pytest.approx(31 / 57)
+    assert json.loads(json.dumps(goodput.to_json()))["goodput"] == pytest.approx(31 / 57)
 
 
 def test_order_of_events_does_not_matter():
@@ -70,8 +71,38 @@ def test_gaps_are_down_after_a_fault_or_before_a_restart_else_idle():
     seconds = account(events).seconds
     assert seconds["down"] == pytest.approx(2 + 2)
     assert seconds["idle"] == pytest.approx(1)
-    assert seconds["compute"] == pytest.approx(4 + 2 + 1 + 3)
+    assert seconds["compute"] == pytest.approx(2 + 1 + 3)
+    assert seconds["discarded"] == pytest.approx(4)  # a died before any checkpoint
     assert seconds["recovery"] == pytest.approx(1)
+
+
+def test_a_dead_process_loses_its_work_since_it_was_last_kept():
+    fleet_island = [
+        span("a", "compute", 0, 4),
+        span("a", "exchange", 4, 5),  # round committed: 0-4 kept
+        span("a", "compute", 5, 8),
+        span("a", "checkpoint", 8, 9),  # a checkpoint does not keep a fleet island's steps
+        span("a", "compute", 9, 10),
+        mark("a", "fault", 10, "crash injected"),
+        span("a", "recovery", 12, 13),
+        span("a", "compute", 13, 15),
+    ]
+    seconds = account(fleet_island).seconds
+    assert seconds["compute"] == pytest.approx(4 + 2)
+    assert seconds["discarded"] == pytest.approx(3 + 1)
+    lone_run = [
+        span("r", "compute", 0, 4),
+        span("r", "checkpoint", 4, 5),  # alone, a checkpoint keeps 0-4
+        span("r", "compute", 5, 8),
+        span("r", "recovery", 9, 10),  # the restart: 8-9 down
+        span("r", "compute", 10, 12),
+        mark("r", "fault", 13, "slow injected"),  # struck, but no restart: nothing lost
+        span("r", "compute", 14, 15),
+    ]
+    seconds = account(lone_run).seconds
+    assert seconds["compute"] == pytest.approx(4 + 2 + 1)
+    assert seconds["discarded"] == pytest.approx(3)
+    assert seconds["down"] == pytest.approx(1 + 2)
 
 
 def test_no_events_and_bad_events():
@@ -115,7 +146,7 @@ def test_table_names_every_category():
     render_table(account(FLEET), console)
     text = console.export_text()
     assert all(category in text for category in CATEGORIES)
-    assert "goodput 63.2%" in text and "36.0" in text
+    assert "goodput 54.4%" in text and "31.0" in text
 
 
 def test_timeline_png_is_a_valid_image(tmp_path):

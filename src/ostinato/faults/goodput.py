@@ -8,7 +8,9 @@ A fleet dir holds one such run dir per island (DIR/a/events.jsonl, ...).
 Each island's lifetime, from its first to its last event, is cut into non-overlapping pieces:
 - where spans overlap, the piece goes to the kind that comes first in PRECEDENCE;
 - time under no span is "down" when a fault mark falls in it (ends included) or a recovery span
-  follows it directly (the process was dead and restarting), otherwise "idle".
+  follows it directly (the process was dead and restarting), otherwise "idle";
+- when a process died, its compute since its work was last kept (a committed exchange in a fleet,
+  a checkpoint in a lone run) is "discarded": the restart redoes or replaces it.
 goodput = compute seconds / island-seconds (the sum of the islands' lifetimes).
 """
 
@@ -190,7 +192,7 @@ def _pieces(spans: list[dict], marks: list[dict]) -> list[tuple[float, float, st
         open_kinds[kind] += delta
     if max(times) > previous:
         pieces.append((previous, max(times), None))
-    return _name_gaps(_merge(pieces), marks)
+    return _merge(_lost_to_deaths(_name_gaps(_merge(pieces), marks)))
 
 
 def _merge(pieces):
@@ -213,6 +215,26 @@ def _name_gaps(pieces, marks) -> list[tuple[float, float, str]]:
             category = "down" if restarts or struck else "idle"
         named.append((start, end, category))
     return named
+
+
+def _lost_to_deaths(pieces) -> list[tuple[float, float, str]]:
+    """Compute that a process did after its work was last kept, when the process then died (a
+    down gap that a restart's recovery ends), is discarded: it died with the process. In a fleet
+    only a committed exchange keeps an island's steps (a restarted island heals from a donor);
+    a lone run keeps them with a checkpoint."""
+    keep = "exchange" if any(c == "exchange" for _, _, c in pieces) else "checkpoint"
+    out: list[tuple[float, float, str]] = []
+    kept_until = 0  # pieces before this index of `out` are safe
+    for i, (start, end, category) in enumerate(pieces):
+        died = category == "down" and i + 1 < len(pieces) and pieces[i + 1][2] == "recovery"
+        if died:
+            out[kept_until:] = [
+                (s, e, "discarded" if c == "compute" else c) for s, e, c in out[kept_until:]
+            ]
+        out.append((start, end, category))
+        if category == keep or died:
+            kept_until = len(out)
+    return out
 
 
 def summarize(run_or_fleet_dir: str | Path, title: str) -> Goodput:
