@@ -58,7 +58,7 @@ PUBLISHED = {
         ("goodput (training efficiency)", "goodput", 0.812, "blog: 81.2%"),
     ],
 }
-LOSSES = ("exchange", "waiting", "checkpoint", "recovery", "down", "idle")
+LOSSES = ("exchange", "waiting", "checkpoint", "recovery", "discarded", "down", "idle")
 
 
 def ostinato(*args: str) -> dict:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from ostinato.plan.calibrate import calibrate_run, model_size
+from ostinato.plan.calibrate import _steps_per_round, calibrate_run, model_size
 from ostinato.plan.command import plan
 from ostinato.plan.errors import PlanError
 
@@ -165,3 +165,33 @@ def test_not_a_run_dir_is_refused(tmp_path):
     write_island(tmp_path, [{"step": 1}])
     with pytest.raises(PlanError, match="missing step_s"):
         calibrate_run(str(tmp_path))
+
+
+def span(island: str, kind: str, start: float, end: float) -> dict:
+    return {"type": "span", "island": island, "kind": kind, "start": start, "end": end}
+
+
+def test_fleet_deaths_and_their_cost_come_from_the_islands_events(tmp_path):
+    """A fleet island's metrics hold no recovery rows (a restart drops its predecessor's rows
+    after the last checkpoint): deaths are read from events.jsonl, down until recovery ends."""
+    write_fleet(tmp_path, with_goodput=False)
+    for name in "abc":
+        rows = [row(i + 1) for i in range(200)]  # no recovery anywhere
+        write_island(tmp_path / name, rows)
+        events = [span(name, "compute", 0.0, 10.0)]
+        if name == "b":  # dies at 10, down until 14, recovers until 16
+            events += [{"type": "mark", "island": "b", "kind": "fault", "time": 11.0,
+                        "label": "crash injected"}]  # fmt: skip
+            events += [span("b", "recovery", 14.0, 16.0)]
+        events += [span(name, "compute", 16.0, 30.0)]
+        (tmp_path / name / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    result = calibrate_run(str(tmp_path))
+    assert result["measured"]["interruptions"] == 1
+    assert result["fitted"]["recovery_s"] == pytest.approx(6.0)
+
+
+def test_on_a_time_budget_a_slow_island_runs_fewer_steps(tmp_path):
+    write_island(tmp_path / "a", [row(1)])
+    assert _steps_per_round([tmp_path / "a"], [0.1, 0.3], 10) == [10, 10]  # a step budget: H
+    (tmp_path / "a" / "config.toml").write_text(CONFIG + '[fleet]\nbudget = "seconds:1.0"\n')
+    assert _steps_per_round([tmp_path / "a"], [0.1, 0.3], 10) == [10, 4]  # steps until past T

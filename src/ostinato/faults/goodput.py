@@ -217,6 +217,20 @@ def _name_gaps(pieces, marks) -> list[tuple[float, float, str]]:
     return named
 
 
+def restarts(events: list[dict]) -> dict[str, list[float]]:
+    """Per island, the seconds each death cost it: from the last event of the dead process
+    (a hang's stop included) to the end of its restart's recovery."""
+    found: dict[str, list[float]] = {}
+    for island, (spans, marks) in _by_island(events).items():
+        pieces = _pieces(spans, marks) if spans else []
+        found[island] = [
+            (end - start) + (pieces[i + 1][1] - pieces[i + 1][0])
+            for i, (start, end, category) in enumerate(pieces)
+            if category == "down" and i + 1 < len(pieces) and pieces[i + 1][2] == "recovery"
+        ]
+    return found
+
+
 def _lost_to_deaths(pieces) -> list[tuple[float, float, str]]:
     """Compute that a process did after its work was last kept, when the process then died (a
     down gap that a restart's recovery ends), is discarded: it died with the process. In a fleet

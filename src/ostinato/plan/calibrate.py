@@ -12,6 +12,7 @@ The fitted machine treats each island as one "chip" whose peak is the measured F
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import tomllib
 from dataclasses import dataclass
@@ -157,8 +158,8 @@ def _read_goodput(root: Path) -> dict[str, float] | None:
 
 
 def _calibrate_fleet(root: Path, dirs: list[Path]) -> dict[str, Any]:
-    """Each island as its own kind with its measured step, so that the others wait for a slow
-    one as they did. A round lasts the slowest island's H steps plus what the run spent around
+    """Each island as its own kind with its measured step and its steps per round, so that on a
+    step budget the others wait for a slow one as they did, and on a time budget they do not. A round lasts the slowest island's H steps plus what the run spent around
     them (exchange, waiting for the round, checkpoints, gaps): the median time between commits
     when rounds.jsonl records it, else the exchange alone."""
     params, fpt = model_size(dirs[0] / "config.toml")
@@ -169,15 +170,19 @@ def _calibrate_fleet(root: Path, dirs: list[Path]) -> dict[str, Any]:
     inner = max(1, round(sum(f.rows for f in fits) / island_rounds))
     exchange_s = statistics.fmean(r["exchange_s"] for r in rounds)
     sent = statistics.fmean(_bytes_per_island(r) for r in rounds)
-    recoveries = [s for f in fits for s in f.recoveries]
-    rate = len(recoveries) / sum(f.wall_s for f in fits) or NO_FAILURE_RATE
+    recoveries, lived_s = _fleet_restarts(dirs)
+    if not lived_s:  # no events: what the metrics say
+        recoveries, lived_s = [s for f in fits for s in f.recoveries], sum(f.wall_s for f in fits)
+    rate = len(recoveries) / lived_s or NO_FAILURE_RATE
     restart = statistics.fmean(recoveries) if recoveries else 0.0
     steps = [f.compute_s + f.overhead_s for f in fits]
+    per_round = _steps_per_round(dirs, steps, inner)
     period = _round_period(rounds)
-    around = max(0.0, period - inner * max(steps)) if period else exchange_s
+    busiest = max(n * step for n, step in zip(per_round, steps, strict=True))
+    around = max(0.0, period - busiest) if period else exchange_s
     groups = tuple(
-        _fitted_island(1, rate, restart, step, inner, f.tokens)
-        for f, step in zip(fits, steps, strict=True)
+        _fitted_island(1, rate, restart, step, n, f.tokens)
+        for f, step, n in zip(fits, steps, per_round, strict=True)
     )
     costs = Costs(
         strategy="fleet",
@@ -203,6 +208,34 @@ def _calibrate_fleet(root: Path, dirs: list[Path]) -> dict[str, Any]:
         round_period_s=period,
     )
     return out
+
+
+def _fleet_restarts(dirs: list[Path]) -> tuple[list[float], float]:
+    """Seconds each island death cost (down until its restart's recovery ends) and the islands'
+    seconds of life, from their events: a fleet island's metrics have no recovery rows, and a
+    restart drops the rows its predecessor logged after the last checkpoint."""
+    from ostinato.faults.goodput import account, read_events, restarts
+
+    found, lived = [], 0.0
+    for d in dirs:
+        if (d / "events.jsonl").is_file():
+            events = read_events(d)
+            found += [s for seconds in restarts(events).values() for s in seconds]
+            lived += account(events).island_s
+    return found, lived
+
+
+def _steps_per_round(dirs: list[Path], steps: list[float], inner: int) -> list[int]:
+    """Inner steps each island runs per round. On a step budget every island runs H; on a time
+    budget (fleet.budget = "seconds:T") each trains for T seconds, so a slow island runs fewer
+    steps instead of making the others wait. T over the measured step, not the rows each
+    island logged: a restarted island's metrics lose the rows after its last checkpoint, and an
+    injected slowdown is not in a step's measured compute."""
+    budget = str(_read_toml(dirs[0] / "config.toml").get("fleet", {}).get("budget", ""))
+    if not budget.startswith("seconds:"):
+        return [inner] * len(steps)
+    seconds = float(budget.removeprefix("seconds:"))
+    return [max(1, math.ceil(seconds / step)) for step in steps]  # it steps until past T
 
 
 def _round_period(rounds: list[dict]) -> float | None:
