@@ -198,3 +198,26 @@ def test_a_streaming_fleet_with_overlap_ends_on_the_same_parameters(tmp_path):
     sent = [r["bytes_sent"]["a"] for r in log]
     assert max(sent[:-1]) < 0.6 * sent[-1]  # a fragment's round carries about half
     assert set(final_digests(out, ["a", "b"]).values()) == {log[-1]["digest"]}
+
+
+def test_when_every_member_dies_the_fleet_goes_on_from_its_checkpoint(tmp_path):
+    """Both islands killed at once: no donor is left, so a restarted island restores the fleet
+    checkpoint and carries the fleet on; the other heals from it."""
+    out = tmp_path / "fleet"
+    fleet = fleet_local(
+        out,
+        2,
+        "--train.steps=120",
+        "--fleet.budget=steps:10",
+        "--fleet.checkpoint_every=1",
+        "--fleet.slowdown=3",
+    )
+    wait_until(lambda: len(rounds(out)) >= 3, what="three committed rounds")
+    for name in ("a", "b"):
+        kill(island_pid(name))
+    assert fleet.wait() == 0, fleet.output[-4000:]
+    assert "carries the fleet on" in fleet.output
+    log = rounds(out)
+    assert [r["round"] for r in log] == list(range(1, 13))
+    assert log[-1]["members"] == ["a", "b"]
+    assert set(final_digests(out, ["a", "b"]).values()) == {log[-1]["digest"]}

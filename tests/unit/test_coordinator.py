@@ -702,3 +702,31 @@ def test_a_quarantined_island_is_healed_once_and_then_takes_part_again(make_coor
     b.ready(2)
     rec = drive(coordinator, [a, b], planned(coordinator, 2, 0))
     assert rec["members"] == ["a", "b"]
+
+
+def test_with_no_member_alive_a_joiner_restores_and_carries_the_fleet_on(make_coordinator):
+    """Every member of the last round died: nobody can heal the joiners. One is told to restore
+    the fleet's durable state; the coordinator makes it the member the others heal from."""
+    coordinator = make_coordinator()
+    a = Island(coordinator, "a")
+    a.knock(coordinator)
+    commit_round(coordinator, [a], 1)
+    b, c = Island(coordinator, "b"), Island(coordinator, "c")
+    assert b.knock(coordinator)["role"] == "joiner"
+    assert c.knock(coordinator)["role"] == "joiner"
+    time.sleep(HB_TIMEOUT + 0.1)  # a is gone
+    asked = drive(coordinator, [b, c], lambda: b.keys.get(f"restore/b/{b.nonce}"))
+    assert asked == {"round": 1}
+    assert c.keys.get(f"restore/c/{c.nonce}") == {"round": 1}
+    b.keys.put(f"restored/b/{b.nonce}", {"from_round": 1})  # the fleet checkpoint of round 1
+    order = drive(coordinator, [b, c], lambda: b.keys.get(f"heal/b/{b.nonce}"))
+    assert order == {"round": 1, "donor": "b", "final": False}
+    assert coordinator.islands["b"].role == "member"
+    assert coordinator.islands["c"].role == "joiner"
+    b.ready(2)
+    rec = drive(coordinator, [b, c], planned(coordinator, 2, 0))
+    assert rec["members"] == ["b"]
+    b.result(2, 0)
+    done = drive(coordinator, [b, c], decided(coordinator, 2, 0))
+    assert done["decision"] == "commit"
+    assert [h["island"] for h in done["heal"]] == ["c"] and done["heal"][0]["donor"] == "b"

@@ -93,6 +93,7 @@ class Coordinator:
         self.last_committed = 0
         self.last_members: list[str] = []
         self.last_healed: list[str] = []  # healed by the last commit: current, not late
+        self.restore_asked: set[tuple[str, str]] = set()  # (island, nonce) told to restore
         self.committed_here = 0  # rounds committed by this coordinator process
         self.started = time.monotonic()
         self.finished = False
@@ -297,6 +298,8 @@ class Coordinator:
 
     def _collect(self) -> None:
         state, now = self.round, time.monotonic()
+        if not self._alive("member"):
+            self._restore_orphans()
         live = self._alive("member")
         ready = [m for m in live if self._ready(state.number, m)]
         self._demote_late_islands()
@@ -308,6 +311,37 @@ class Coordinator:
         if ready == live or (grace_over and len(ready) >= self.cfg.min_islands):
             state.phase, state.members, state.exchange_started = "exchange", ready, now
             self.keys.put(f"round/{state.number}", {"attempt": state.attempt, "members": ready})
+
+    def _restore_orphans(self) -> None:
+        """No member of the last committed round is alive, so no joiner can be healed. Each
+        live joiner is told to restore the fleet's latest durable state (the fleet checkpoint,
+        else its own) and say which round that is of; the one holding the newest carries the
+        fleet on as the state of the last committed round, and heals the others at the next
+        commit. Rounds committed after that checkpoint are lost; round numbers go on."""
+        reports = {}
+        for name in self._alive("joiner"):
+            nonce = self.islands[name].nonce
+            report = self.keys.get(f"restored/{name}/{nonce}")
+            if report is not None:
+                reports[name] = int(report.get("from_round", 0))
+            elif (name, nonce) not in self.restore_asked and self.last_committed > 0:
+                self.keys.put(f"restore/{name}/{nonce}", {"round": self.last_committed})
+                self.restore_asked.add((name, nonce))
+        if not reports:
+            return
+        chosen = max(reports, key=lambda n: (reports[n], n))
+        view = self.islands[chosen]
+        order = {"round": self.last_committed, "donor": chosen, "final": False}
+        self.keys.put(f"heal/{chosen}/{view.nonce}", order)
+        view.role, view.have = "member", self.last_committed
+        self.last_members, self.last_healed = [chosen], []
+        log.warning(
+            "coordinator: no member of round %d is alive; island %s carries the fleet on from "
+            "the state of round %d it restored",
+            self.last_committed,
+            chosen,
+            reports[chosen],
+        )
 
     def _ready(self, number: int, name: str) -> bool:
         """Whether the island's current process is ready for round `number`: a key left by a

@@ -97,6 +97,12 @@ def resume_from_fleet_checkpoint(
 def join(cfg: Config, out: Path, member: FleetMember, model: nn.Module, stream) -> None:
     """Join the fleet. An island that comes back after the fleet finished (a late restart)
     ends with the fleet's final parameters, from the final fleet checkpoint."""
+
+    def restore_state() -> int:  # when no donor is left: the fleet checkpoint, else our own
+        resume_from_fleet_checkpoint(cfg, out, member, model, stream)
+        return member.round_have
+
+    member.restore_state = restore_state
     member.start(model)
     if member.active:
         return

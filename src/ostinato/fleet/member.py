@@ -75,6 +75,11 @@ class FleetMember:
         self.round_have = 0  # last committed round whose global state this island holds
         self.role = "member"
         self.nonce = ""
+        # Loads the fleet's latest durable state when no donor is left (island.py sets it to
+        # read the fleet checkpoint); returns the round that state is of. By default the island
+        # keeps the state its own checkpoint gave it.
+        self.restore_state = lambda: self.round_have
+        self.restored_nonce = self.carried_nonce = ""
         self.keys: wire.Keys | None = None
         self.heartbeat = Heartbeat(cfg, self.island, self.prefix)
 
@@ -160,9 +165,24 @@ class FleetMember:
 
         def new_order():
             order = self.keys.get(f"heal/{self.island}/{self.nonce}")
-            return order if order and order["round"] > self.round_have else None
+            if order and order["donor"] != self.island and order["round"] > self.round_have:
+                return order
+            restored = self.restored_nonce == self.nonce != self.carried_nonce
+            if order and order["donor"] == self.island and restored:
+                return order
+            restore = self.keys.get(f"restore/{self.island}/{self.nonce}")
+            return restore if restore and self.restored_nonce != self.nonce else None
 
         order = self._wait_for(new_order, "donor", timeout=24 * 3600.0)
+        while "donor" not in order:  # no donor alive: restore durable state, report, wait again
+            self._restore()
+            order = self._wait_for(new_order, "donor", timeout=24 * 3600.0)
+        if order["donor"] == self.island:  # chosen to carry on from what it restored
+            self.round_have, self.role, self.carried_nonce = order["round"], "member", self.nonce
+            log.warning(
+                "fleet: carries the fleet on from restored state at round %d", order["round"]
+            )
+            return bool(order.get("final"))
         group = self._group(f"healpg/{order['round']}/{self.island}", rank=1, size=2)
         state = self.outer.as_tensor()
         group.broadcast(state, 0).wait()
@@ -170,6 +190,14 @@ class FleetMember:
         self.round_have, self.role = order["round"], "member"
         log.info("fleet: healed from %s at round %d", order["donor"], self.round_have)
         return bool(order.get("final"))
+
+    def _restore(self) -> None:
+        """Every member of the last committed round is gone, so nobody can heal this island: load
+        the fleet's latest durable state and tell the coordinator which round it is of."""
+        from_round = self.restore_state()
+        self.restored_nonce = self.nonce
+        self.keys.put(f"restored/{self.island}/{self.nonce}", {"from_round": from_round})
+        log.warning("fleet: no donor alive; restored the fleet state of round %d", from_round)
 
     def _serve_heal(self, heal: dict[str, Any], round_number: int, final: bool) -> None:
         order = {"round": round_number, "donor": self.island, "final": final}
