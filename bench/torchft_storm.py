@@ -160,7 +160,7 @@ def run_torchft(out: Path, cfg: list[str], seeds: dict, storm: list, args) -> Si
 
 
 def summary(side: Side) -> dict:
-    """Wall time from the storm's start to the last kept step, the share of replica-seconds on
+    """(Side.kill holds when the storm's clock started: this run has many kills, not one.) Wall time from the storm's start to the last kept step, the share of replica-seconds on
     kept inner steps, steps discarded, the final validation loss."""
     steps = [s for name in NAMES for s in side.steps[name] if s.end >= side.kill]
     kept = [s for s in steps if s.kept]

@@ -205,14 +205,18 @@ def _merge(pieces):
     return merged
 
 
+def _restart_follows(pieces, i: int) -> bool:
+    """Whether a restart's recovery directly follows piece i: the process before it died."""
+    return i + 1 < len(pieces) and pieces[i + 1][2] == "recovery"
+
+
 def _name_gaps(pieces, marks) -> list[tuple[float, float, str]]:
     faults = [m["time"] for m in marks if m["kind"] == "fault"]
     named = []
     for i, (start, end, category) in enumerate(pieces):
         if category is None:
-            restarts = i + 1 < len(pieces) and pieces[i + 1][2] == "recovery"
             struck = any(start <= t <= end for t in faults)
-            category = "down" if restarts or struck else "idle"
+            category = "down" if _restart_follows(pieces, i) or struck else "idle"
         named.append((start, end, category))
     return named
 
@@ -226,7 +230,7 @@ def restarts(events: list[dict]) -> dict[str, list[float]]:
         found[island] = [
             (end - start) + (pieces[i + 1][1] - pieces[i + 1][0])
             for i, (start, end, category) in enumerate(pieces)
-            if category == "down" and i + 1 < len(pieces) and pieces[i + 1][2] == "recovery"
+            if category == "down" and _restart_follows(pieces, i)
         ]
     return found
 
@@ -240,7 +244,7 @@ def _lost_to_deaths(pieces) -> list[tuple[float, float, str]]:
     out: list[tuple[float, float, str]] = []
     kept_until = 0  # pieces before this index of `out` are safe
     for i, (start, end, category) in enumerate(pieces):
-        died = category == "down" and i + 1 < len(pieces) and pieces[i + 1][2] == "recovery"
+        died = category == "down" and _restart_follows(pieces, i)
         if died:
             out[kept_until:] = [
                 (s, e, "discarded" if c == "compute" else c) for s, e, c in out[kept_until:]

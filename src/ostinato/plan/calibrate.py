@@ -22,6 +22,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from ostinato.config import FleetConfig, budget_of
+from ostinato.faults.goodput import account, read_events, restarts
 from ostinato.plan.closed_form import expected
 from ostinato.plan.costs import Costs, FaultKind, IslandCosts
 from ostinato.plan.errors import PlanError
@@ -159,9 +161,10 @@ def _read_goodput(root: Path) -> dict[str, float] | None:
 
 def _calibrate_fleet(root: Path, dirs: list[Path]) -> dict[str, Any]:
     """Each island as its own kind with its measured step and its steps per round, so that on a
-    step budget the others wait for a slow one as they did, and on a time budget they do not. A round lasts the slowest island's H steps plus what the run spent around
-    them (exchange, waiting for the round, checkpoints, gaps): the median time between commits
-    when rounds.jsonl records it, else the exchange alone."""
+    step budget the others wait for a slow one as they did, and on a time budget they do not.
+    A round lasts the busiest island's steps plus what the run spent around them (exchange,
+    waiting for the round, checkpoints, gaps): the median time between commits when
+    rounds.jsonl records it, else the exchange alone."""
     params, fpt = model_size(dirs[0] / "config.toml")
     fits = [fit_island(d / "metrics.jsonl") for d in dirs]
     rounds = _read_jsonl(root / "rounds.jsonl", ("round", "members", "bytes_sent", "exchange_s"))
@@ -214,8 +217,6 @@ def _fleet_restarts(dirs: list[Path]) -> tuple[list[float], float]:
     """Seconds each island death cost (down until its restart's recovery ends) and the islands'
     seconds of life, from their events: a fleet island's metrics have no recovery rows, and a
     restart drops the rows its predecessor logged after the last checkpoint."""
-    from ostinato.faults.goodput import account, read_events, restarts
-
     found, lived = [], 0.0
     for d in dirs:
         if (d / "events.jsonl").is_file():
@@ -231,10 +232,10 @@ def _steps_per_round(dirs: list[Path], steps: list[float], inner: int) -> list[i
     steps instead of making the others wait. T over the measured step, not the rows each
     island logged: a restarted island's metrics lose the rows after its last checkpoint, and an
     injected slowdown is not in a step's measured compute."""
-    budget = str(_read_toml(dirs[0] / "config.toml").get("fleet", {}).get("budget", ""))
-    if not budget.startswith("seconds:"):
+    fleet = _read_toml(dirs[0] / "config.toml").get("fleet", {})
+    kind, seconds = budget_of(FleetConfig(budget=fleet.get("budget", FleetConfig().budget)))
+    if kind != "seconds":
         return [inner] * len(steps)
-    seconds = float(budget.removeprefix("seconds:"))
     return [max(1, math.ceil(seconds / step)) for step in steps]  # it steps until past T
 
 
