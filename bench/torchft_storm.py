@@ -160,8 +160,9 @@ def run_torchft(out: Path, cfg: list[str], seeds: dict, storm: list, args) -> Si
 
 
 def summary(side: Side) -> dict:
-    """(Side.kill holds when the storm's clock started: this run has many kills, not one.) Wall time from the storm's start to the last kept step, the share of replica-seconds on
-    kept inner steps, steps discarded, the final validation loss."""
+    """Wall time from the storm's start to the last kept step, the share of replica-seconds on
+    kept inner steps, steps discarded, the final validation loss. Side.kill holds when the
+    storm's clock started: this run has many kills, not one."""
     steps = [s for name in NAMES for s in side.steps[name] if s.end >= side.kill]
     kept = [s for s in steps if s.kept]
     end = max((s.end for s in kept), default=side.kill)
