@@ -102,13 +102,22 @@ def setup(cfg: HardwareConfig) -> Placement:
     elif device_type == "npu":
         torch.npu.set_device(device)
     if world_size > 1 and not dist.is_initialized():
+        timeout = timedelta(seconds=cfg.timeout_s)
+        store = attempt_store(timeout)
         dist.init_process_group(
-            backend=backend,
-            rank=rank,
-            world_size=world_size,
-            timeout=timedelta(seconds=cfg.timeout_s),
+            backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout
         )
     return Placement(device, backend, rank, world_size, local_rank, stack_versions())
+
+
+def attempt_store(timeout: timedelta) -> dist.Store:
+    """The rendezvous store of this launch attempt. When torchrun restarts the workers
+    (--max-restarts), they find the store still holding the dead attempt's gloo addresses
+    and fail to connect (pytorch/pytorch#167288); keys under the attempt's own prefix are
+    fresh."""
+    store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"ostinato/attempt_{attempt}", store)
 
 
 def teardown() -> None:

@@ -103,6 +103,26 @@ def island_pid(name: str) -> int:
     return pids[0]
 
 
+def rank_pid(name: str, rank: int) -> int:
+    """The process of one rank of a torchrun island (its RANK in the environment)."""
+    for pid in subprocess.run(
+        ["pgrep", "-f", f"fleet.island={name}"], capture_output=True, text=True
+    ).stdout.split():
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue  # gone meanwhile
+        if f"RANK={rank}".encode() in environ:
+            return int(pid)
+    raise AssertionError(f"no rank {rank} of island {name}")
+
+
+def torchrun(nproc: int, *args: str) -> list[str]:
+    """A multi-rank island as a user starts one; torchrun restarts its ranks once."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    return [*launcher, "--max-restarts=1", f"--nproc_per_node={nproc}", *args]
+
+
 def kill(pid: int, sig: int = signal.SIGKILL) -> None:
     os.kill(pid, sig)
 

@@ -1,5 +1,5 @@
 """Fleets of real processes on 127.0.0.1: crashes, a coordinator restart, a slow island,
-a refused island, and a resumed fleet. Every survivor must end with the same parameters."""
+a refused island, a resumed fleet, and an island of two torchrun ranks. Every survivor must end with the same parameters."""
 
 import json
 import shutil
@@ -16,8 +16,10 @@ from tests.dist.fleet_helpers import (
     island_pid,
     kill,
     ostinato,
+    rank_pid,
     rounds,
     status,
+    torchrun,
     wait_until,
 )
 from tests.conftest import TINY, run_cli
@@ -220,4 +222,40 @@ def test_when_every_member_dies_the_fleet_goes_on_from_its_checkpoint(tmp_path):
     log = rounds(out)
     assert [r["round"] for r in log] == list(range(1, 13))
     assert log[-1]["members"] == ["a", "b"]
+    assert set(final_digests(out, ["a", "b"]).values()) == {log[-1]["digest"]}
+
+
+def test_a_torchrun_island_with_a_time_budget_loses_a_rank_and_rejoins(tmp_path):
+    """Island a is two torchrun ranks, b one process; rounds of 0.5 s. a's rank 1 is SIGKILLed:
+    b goes on alone, torchrun restarts a's ranks, a resumes, rejoins, and trains on in the
+    fleet. Its ranks must agree on every round's end (their clocks differ) and hold the same
+    parameters (the rank digest guard would repair a rank that did not)."""
+    out, port = tmp_path / "fleet", free_port()
+    address = f"127.0.0.1:{port}"
+    coordinator = Running(
+        ostinato("fleet", "coordinator", "--bind", address, "--out", str(out), *FAST)
+    )
+    coordinator.wait_for_line("coordinator on")
+    run = ["--fleet.budget=seconds:0.5", "--fleet.rounds=60", "--checkpoint.every=5", *FAST]
+    run += ["--guards.digest_every=5", f"--fleet.coordinator={address}"]
+
+    def island(name: str) -> list[str]:
+        command = ["train", "--config", str(TINY), "--out", str(out / name), *run]
+        return [*command, f"--fleet.island={name}"]
+
+    a = Running(torchrun(2, "-m", "ostinato", *island("a")))
+    b = Running(ostinato(*island("b")))
+    wait_until(lambda: len(rounds(out)) >= 3, what="three committed rounds")
+    kill(rank_pid("a", 1))
+    assert b.wait() == 0, b.output[-4000:]
+    assert a.wait() == 0, a.output[-4000:]
+    coordinator.process.terminate()
+    log = rounds(out)
+    assert [r["round"] for r in log] == list(range(1, 61))
+    assert any(r["members"] == ["b"] for r in log), "b did not go on alone"
+    # a's ranks restarted from its checkpoint and a took part in the fleet's last round: healed
+    # from b, or as a member when it came back before b had committed a round without it.
+    assert "resumed from" in a.output, a.output[-4000:]
+    assert log[-1]["members"] == ["a", "b"]
+    assert "repaired from rank" not in a.output
     assert set(final_digests(out, ["a", "b"]).values()) == {log[-1]["digest"]}

@@ -154,10 +154,18 @@ class SafeReader(FileSystemReader):
         return metadata
 
 
-def load_tensors(path: Path, tensors: dict[str, Any], process_group=None) -> None:
-    """Fill `tensors` (a nested dict of tensors) in place from the checkpoint at `path`."""
+def load_tensors(
+    path: Path, tensors: dict[str, Any], process_group=None, no_dist: bool = False
+) -> None:
+    """Fill `tensors` (a nested dict of tensors) in place from the checkpoint at `path`;
+    `no_dist`: this process reads alone, with no collectives (the other ranks may be busy)."""
     try:
-        dcp.load(tensors, storage_reader=SafeReader(path), process_group=process_group)
+        dcp.load(
+            tensors,
+            storage_reader=SafeReader(path),
+            process_group=process_group,
+            no_dist=no_dist,
+        )
     except CheckpointException as exc:
         reasons = "; ".join(str(getattr(f, "exc", f)) for f in exc.failures.values())
         raise CheckpointError(f"checkpoint {path} cannot be read: {reasons}") from None

@@ -83,7 +83,8 @@ def resume_from_fleet_checkpoint(
         return False
     meta = read_meta(found)
     state = {"outer_optimizer": empty_tensor_state(member)}
-    load_tensors(found, state)
+    # Read alone: in a multi-rank island only the leader restores when it (re)joins.
+    load_tensors(found, state, no_dist=True)
     load_tensor_state(member, state["outer_optimizer"])
     member.outer.load_into(model)
     member.round_have = meta["fleet"]["round"]
@@ -157,7 +158,7 @@ class RoundClock:
         return time.perf_counter() - self.started
 
 
-def fleet_due(cfg: Config, island, clock: RoundClock) -> bool:
+def fleet_due(cfg: Config, island, clock: RoundClock, world_size: int = 1) -> bool:
     """After an inner step: whether the island ends its round, or takes in the result of the
     exchange it overlapped with its last fleet.overlap steps (earlier when the next step saves
     a checkpoint, which must not hold a round half done)."""
@@ -165,7 +166,12 @@ def fleet_due(cfg: Config, island, clock: RoundClock) -> bool:
         clock.steps >= cfg.fleet.overlap or saves_next(cfg, island.step)
     ):
         return True
-    return island.member.round_due(clock.steps, clock.seconds())
+    due = island.member.round_due(clock.steps, clock.seconds())
+    if world_size > 1 and island.member.budget_kind == "seconds":
+        # Each rank's clock reads differently: the leader's decides, or the ranks would part
+        # ways (one syncing, the others in the next step's all-reduce) and hang.
+        due = agree(due, island.fleet_group)
+    return due
 
 
 def saves_next(cfg: Config, step: int) -> bool:
@@ -184,7 +190,7 @@ def sync_round(cfg: Config, island, place, out: Path, clock: RoundClock) -> bool
     if overlap and place.is_main:  # the run's final round is not: the fleet ends in agreement
         overlap = not member.total_rounds or member.round_have + 1 < member.total_rounds
     if cfg.fleet.overlap > 0 and place.world_size > 1:
-        overlap = agree(overlap)
+        overlap = agree(overlap, island.fleet_group)
     if overlap:
         clock.in_flight = InFlight()
         if place.is_main:
@@ -201,7 +207,7 @@ def sync_round(cfg: Config, island, place, out: Path, clock: RoundClock) -> bool
         outcome = member.sync(island.model, clock.tokens, island.stream.state_dict())
         record_round(cfg, island, out, outcome, wall, wall + outcome.waiting_s)
     clock.reset()
-    return share_round(island.model, outcome, place.world_size)
+    return share_round(island, outcome, place.world_size)
 
 
 def land_round(cfg: Config, island, place, out: Path, clock: RoundClock) -> bool:
@@ -212,7 +218,7 @@ def land_round(cfg: Config, island, place, out: Path, clock: RoundClock) -> bool
     if outcome is not None:
         island.member.take(island.model, outcome, cfg.fleet.mix)
         record_round(cfg, island, out, outcome, wall, wall)
-    return share_round(island.model, outcome, place.world_size)
+    return share_round(island, outcome, place.world_size)
 
 
 def record_round(cfg: Config, island, out: Path, outcome: RoundOutcome, wall, waited) -> None:
@@ -225,19 +231,37 @@ def record_round(cfg: Config, island, out: Path, outcome: RoundOutcome, wall, wa
         write_fleet_checkpoint(cfg, out, island.member, outcome)
 
 
-def agree(flag: bool) -> bool:
-    """The island's leader decides; its other ranks follow."""
+def agree(flag: bool, group: dist.ProcessGroup) -> bool:
+    """The island's leader decides; its other ranks follow (over the island's gloo group)."""
     value = torch.tensor([float(flag)])
-    dist.broadcast(value, 0)
+    dist.broadcast(value, 0, group=group)
     return bool(value.item())
 
 
-def share_round(model: nn.Module, outcome: RoundOutcome | None, world_size: int) -> bool:
-    """Inside a multi-rank island the leader syncs; the others take its parameters. Returns final."""
+def share_round(island, outcome: RoundOutcome | None, world_size: int) -> bool:
+    """Inside a multi-rank island the leader syncs; the others take its state. Returns final."""
     if world_size == 1:
         return bool(outcome and outcome.final)
-    flag = torch.tensor([float(outcome.final) if outcome else 0.0])
-    dist.broadcast(flag, 0)
-    for param in model.parameters():
+    final = agree(bool(outcome and outcome.final), island.fleet_group)
+    share_fleet_state(island)
+    return final
+
+
+def share_fleet_state(island) -> None:
+    """Every rank of a multi-rank island takes the leader's fleet state: the round it holds,
+    whether the fleet has finished, the global parameters and outer-optimizer state, and the
+    model's parameters. So a rank's roll-back to the round's global parameters, and its share
+    of an island checkpoint, are the leader's. The fleet state lives in host memory and goes
+    over the island's gloo group; the parameters over the island's own backend."""
+    member, group = island.member, island.fleet_group
+    header = torch.tensor([float(member.round_have), float(member.active)], dtype=torch.float64)
+    dist.broadcast(header, 0, group=group)
+    member.round_have = int(header[0].item())
+    if not header[1].item():
+        member.role = "finished"
+    state = tensor_state(member)
+    for tensor in state.values():
+        dist.broadcast(tensor, 0, group=group)
+    load_tensor_state(member, state)
+    for param in island.model.parameters():
         dist.broadcast(param.data, 0)
-    return bool(flag.item())

@@ -79,6 +79,7 @@ class Island:
     documents: Documents
     step: int = 0
     member: FleetMember | None = None  # set when this island is part of a fleet
+    fleet_group: dist.ProcessGroup | None = None  # the island's ranks, gloo: fleet state
     events: EventLog | None = None
     guard: NonFiniteGuard | None = None
     spike_guard: LossSpikeGuard | None = None
@@ -117,7 +118,9 @@ def _train(
         save_config(cfg, out / "config.toml")
     recovery_started = time.time()
     island = build_island(cfg, out, place, resume_from, resume)
-    writer.last_saved_step = island.step if resume_from else None
+    # Joining a fleet may have healed the parameters since the checkpoint resumed from.
+    resumed_as_saved = resume_from is not None and island.member is None
+    writer.last_saved_step = island.step if resumed_as_saved else None
     if place.is_main:
         island.events = EventLog(out / "events.jsonl", cfg.fleet.island)
         rejoined = island.member is not None and island.member.round_have > 0
@@ -163,6 +166,8 @@ def build_island(
     if cfg.fleet.coordinator:
         fingerprint = fleet_island.fingerprint(cfg, tokenizer)
         island.member = FleetMember(cfg.fleet, model, fingerprint, cfg.guards)
+        if place.world_size > 1:
+            island.fleet_group = dist.new_group(backend="gloo")
     if resume_from is not None:
         meta = restore(resume_from, island.checkpoint_tensors(), cfg.to_dict())
         if meta.get("data"):
@@ -176,6 +181,8 @@ def build_island(
         fleet_island.resume_from_fleet_checkpoint(cfg, out, island.member, model, stream)
     if island.member is not None and place.is_main:
         fleet_island.join(cfg, out, island.member, model, stream)
+    if island.member is not None and place.world_size > 1:
+        fleet_island.share_fleet_state(island)  # the leader may have been healed, or finished
     if place.world_size > 1:
         device_ids = [place.device.index] if place.is_accelerator else None
         island.step_model = DistributedDataParallel(model, device_ids=device_ids)
@@ -357,7 +364,9 @@ def run_steps(
             if metrics is not None:
                 metrics.write(record)
             progress.update(record, total)
-            if island.member is not None and fleet_island.fleet_due(cfg, island, rounds):
+            if island.member is not None and fleet_island.fleet_due(
+                cfg, island, rounds, place.world_size
+            ):
                 final = fleet_island.sync_round(cfg, island, place, out, rounds)
                 writer.last_saved_step = None  # the round changed the parameters
                 if final:
