@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,9 +19,11 @@ from ostinato.fleet.compress import (
     payload_size,
     unpack,
 )
+from ostinato.fleet.island import RoundClock, schedule_step
 from ostinato.fleet.member import FleetMember
 from ostinato.fleet.outer import OuterState, digest, flatten
 from ostinato.model.llama import Llama
+from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -393,3 +396,25 @@ def test_a_corrupted_pseudo_gradient_is_left_out_of_the_average(compression):
     )
     poisoned, nothing = off._average(gathered, ["a", "b", "c"])
     assert nothing == [] and poisoned.abs().max() > 1e30
+
+
+def test_a_time_budget_spreads_the_lr_schedule_over_the_fleets_rounds():
+    """With a time budget the schedule follows the rounds: a fast and a slow island stand at
+    the same point of it, and it ends with the run instead of at train.steps inner steps."""
+    cfg = tiny_config("fleet.budget=seconds:1", "fleet.rounds=10", "train.steps=600")
+    cfg.fleet.coordinator = "127.0.0.1:1"
+
+    def at(round_have: int, steps: int, last_steps: int, island_step: int = 9999) -> int:
+        member = SimpleNamespace(budget_kind="seconds", round_have=round_have)
+        clock = RoundClock()
+        clock.steps, clock.last_steps = steps, last_steps
+        return schedule_step(cfg, SimpleNamespace(member=member, step=island_step), clock)
+
+    assert at(0, 0, 0) == 0
+    assert at(0, 30, 0) == 30  # first round: the nominal 60 steps a round
+    assert at(5, 10, 20) == at(5, 40, 80) == 330  # half-way through round 6, fast or slow
+    assert at(9, 500, 80) == 600  # a round's share never runs past the round
+    steps_cfg = tiny_config("fleet.budget=steps:5")
+    steps_member = SimpleNamespace(budget_kind="steps", round_have=3)
+    island = SimpleNamespace(member=steps_member, step=17)
+    assert schedule_step(steps_cfg, island, RoundClock()) == 17  # a step budget: unchanged

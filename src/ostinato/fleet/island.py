@@ -140,14 +140,16 @@ def total_inner_steps(cfg: Config) -> int:
 
 
 class RoundClock:
-    """Inner steps, tokens and seconds since this island's round began; and the round whose
-    exchange is still in flight (fleet.overlap)."""
+    """Inner steps, tokens and seconds since this island's round began; the steps of its last
+    round; and the round whose exchange is still in flight (fleet.overlap)."""
 
     def __init__(self) -> None:
         self.in_flight: InFlight | None = None
+        self.steps, self.last_steps = 0, 0
         self.reset()
 
     def reset(self) -> None:
+        self.last_steps = self.steps or self.last_steps
         self.steps, self.tokens, self.started = 0, 0, time.perf_counter()
 
     def add(self, tokens: int) -> None:
@@ -156,6 +158,21 @@ class RoundClock:
 
     def seconds(self) -> float:
         return time.perf_counter() - self.started
+
+
+def schedule_step(cfg: Config, island, clock: RoundClock) -> int:
+    """The step at which the learning-rate schedule stands. Counted in the island's own steps,
+    except on a time budget: there an island runs as many steps as its speed allows, so
+    train.steps is spread over the fleet's rounds and the schedule follows the rounds done
+    (and this round's share, by the steps of the island's last round), to end with the run.
+    Steps, not seconds, so every rank of an island reads the same rate."""
+    member = island.member
+    if member is None or member.budget_kind == "steps":
+        return island.step
+    total = total_rounds(cfg)
+    per_round = clock.last_steps or cfg.train.steps / total
+    done = member.round_have + min(1.0, clock.steps / per_round)
+    return min(cfg.train.steps, int(cfg.train.steps * done / total))
 
 
 def fleet_due(cfg: Config, island, clock: RoundClock, world_size: int = 1) -> bool:

@@ -225,14 +225,19 @@ def autocast_dtype(cfg: TrainConfig, place: Placement) -> torch.dtype | None:
 
 
 def train_step(
-    cfg: TrainConfig, island: Island, place: Placement, poison: bool = False
+    cfg: TrainConfig,
+    island: Island,
+    place: Placement,
+    poison: bool = False,
+    schedule_step: int | None = None,
 ) -> tuple[float, float, str]:
     """One optimizer step with gradient accumulation: (mean loss, gradient norm, guard verdict).
 
     The step is applied only if the non-finite guard lets it through; `poison` injects a NaN
-    into the loss (the `nan` fault) to prove that it does not.
+    into the loss (the `nan` fault) to prove that it does not. The learning rate is the
+    schedule's at `schedule_step` (default: the island's step).
     """
-    lr = lr_at(island.step, cfg)
+    lr = lr_at(island.step if schedule_step is None else schedule_step, cfg)
     for group in island.optimizer.param_groups:
         group["lr"] = lr
     dtype = autocast_dtype(cfg, place)
@@ -327,7 +332,8 @@ def run_steps(
         while island.step < cfg.train.steps if island.member is None else island.member.active:
             started, wall = time.perf_counter(), time.time()
             poison = strike_due_faults(island)
-            loss, grad_norm, verdict = train_step(cfg.train, island, place, poison)
+            schedule_step = fleet_island.schedule_step(cfg, island, rounds)
+            loss, grad_norm, verdict = train_step(cfg.train, island, place, poison, schedule_step)
             act_on_guards(cfg, island, place, writer, out, verdict, loss)
             compute_s = time.perf_counter() - started
             slowdown = island.injector.slowdown if island.injector else cfg.fleet.slowdown
@@ -341,7 +347,7 @@ def run_steps(
             record = {
                 "step": island.step,
                 "loss": loss,
-                "lr": lr_at(island.step - 1, cfg.train),
+                "lr": lr_at(schedule_step, cfg.train),
                 "grad_norm": grad_norm,
                 "tokens_per_s": tokens_per_step / step_s,
                 "tokens": tokens_per_step,
