@@ -198,7 +198,9 @@ def make_coordinator(tmp_path):
     """Coordinators on free ports, all logging to the same run directory (as after a restart)."""
 
     def make(guards: GuardsConfig | None = None, **overrides: Any) -> Coordinator:
-        return Coordinator("127.0.0.1:0", fleet_cfg(**overrides), out=tmp_path, guards=guards)
+        coordinator = Coordinator("127.0.0.1:0", fleet_cfg(**overrides), tmp_path, guards)
+        coordinator.slow_tick_s = 0.0  # every tick does everything: the tests step it by hand
+        return coordinator
 
     return make
 
