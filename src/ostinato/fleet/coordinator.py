@@ -94,6 +94,7 @@ class Coordinator:
         # Every store request of a tick costs the coordinator's core; on a box the islands
         # share, polling all of them every TICK_S took ~11% of a core.
         self.slow_tick_s, self.last_slow_tick = SLOW_TICK_S, float("-inf")
+        self.published_at: tuple = ()  # the round's (number, attempt, phase, finished) shown
         self.last_committed = 0
         self.last_members: list[str] = []
         self.last_healed: list[str] = []  # healed by the last commit: current, not late
@@ -135,7 +136,9 @@ class Coordinator:
             if slow and not self.finished and self.round.phase == "collect":
                 self._demote_late_islands()
             self._advance()
-        if slow:
+        where = (self.round.number, self.round.attempt, self.round.phase, self.finished)
+        if slow or where != self.published_at:  # a round's progress is shown at once
+            self.published_at = where
             self._publish_status()
 
     def _recall_committed_rounds(self) -> None:

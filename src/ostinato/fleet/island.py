@@ -116,19 +116,24 @@ def join(cfg: Config, out: Path, member: FleetMember, model: nn.Module, stream) 
             time.sleep(0.2)
 
 
-def write_fleet_checkpoint(
-    cfg: Config, out: Path, member: FleetMember, outcome: RoundOutcome
-) -> None:
-    root = fleet_dir(cfg, out) / "checkpoints"
-    writer = CheckpointWriter(root, CheckpointConfig(keep=3, async_save=False), sync_ranks=False)
+def write_fleet_checkpoint(cfg: Config, out: Path, island, outcome: RoundOutcome) -> float:
+    """Start writing the fleet checkpoint of the round just committed, in the background (the
+    island trains on); returns the seconds training stalled. The trainer waits for the write
+    before the process ends."""
+    if island.fleet_writer is None:
+        root = fleet_dir(cfg, out) / "checkpoints"
+        config = CheckpointConfig(keep=3, async_save=True)
+        island.fleet_writer = CheckpointWriter(root, config, sync_ranks=False)
+    member = island.member
     meta = {
         "parts": ["outer_optimizer"],
         "config": cfg.to_dict(),
         "fleet": {"round": outcome.round, "data": outcome.data},
         "train_state": {"step": 0},
     }
-    writer.save(outcome.round, {"outer_optimizer": tensor_state(member)}, meta)
-    log.info("fleet: wrote fleet checkpoint of round %d", outcome.round)
+    stall = island.fleet_writer.save(outcome.round, {"outer_optimizer": tensor_state(member)}, meta)
+    log.info("fleet: writing the fleet checkpoint of round %d", outcome.round)
+    return stall
 
 
 def total_inner_steps(cfg: Config) -> int:
@@ -245,7 +250,10 @@ def record_round(cfg: Config, island, out: Path, outcome: RoundOutcome, wall, wa
         kind = "exchange" if outcome.committed else "recovery"
         island.events.span(kind, waited, time.time())
     if outcome.checkpoint_by_me:
-        write_fleet_checkpoint(cfg, out, island.member, outcome)
+        started = time.time()
+        stall = write_fleet_checkpoint(cfg, out, island, outcome)
+        if island.events is not None:
+            island.events.span("checkpoint", started, started + stall)
 
 
 def agree(flag: bool, group: dist.ProcessGroup) -> bool:

@@ -80,6 +80,7 @@ class Island:
     step: int = 0
     member: FleetMember | None = None  # set when this island is part of a fleet
     fleet_group: dist.ProcessGroup | None = None  # the island's ranks, gloo: fleet state
+    fleet_writer: CheckpointWriter | None = None  # fleet checkpoints this island writes
     events: EventLog | None = None
     guard: NonFiniteGuard | None = None
     spike_guard: LossSpikeGuard | None = None
@@ -129,6 +130,8 @@ def _train(
     try:
         final_loss = run_steps(cfg, island, place, writer, out, show_progress)
     finally:
+        if island.fleet_writer is not None:
+            island.fleet_writer.wait()
         if island.member is not None:
             island.member.close()
     save_checkpoint(cfg, island, writer)
