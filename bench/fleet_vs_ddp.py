@@ -22,6 +22,7 @@ steps (2 ranks: 2 gradients per step; 4 ranks: 6). Only the 2-rank DDP is run (f
 speed): the bytes of a ring all-reduce are fixed by N and the gradient size.
 
     --report-only: rebuild the tables from the runs already in --out, training nothing.
+    --loss-only: DDP and the 2-island fleet only (bytes and validation loss), for long runs.
     --reuse: keep the runs in --out that finished (a summary.json per island), run the rest.
 """
 
@@ -286,6 +287,11 @@ def parse_args() -> argparse.Namespace:
         "--report-only", action="store_true", help="rebuild the tables from the runs in --out"
     )
     parser.add_argument("--reuse", action="store_true", help="keep finished runs in --out")
+    parser.add_argument(
+        "--loss-only",
+        action="store_true",
+        help="only DDP and the 2-island fleet at H: bytes and validation loss (long runs)",
+    )
     return parser.parse_args()
 
 
@@ -305,6 +311,13 @@ def main() -> None:
     print(f"runs in {out}", flush=True)
 
     ddp = run_ddp(out / "ddp", common)
+    if args.loss_only:
+        options = [*common, *fleet_options(args.h)]
+        fleet = run_fleet(f"fleet 2, H={args.h}", out / "fleet2", 2, options)
+        print_runs([ddp, fleet])
+        print_table(byte_and_loss_rows(ddp, [fleet], grad_bytes))
+        print(f"\ntotal time {time.perf_counter() - started:.0f} s")
+        return
     fleets = run_equal_token_fleets(out, common, args)
     shaped = run_fleet(
         f"fleet 2, H={args.h}, shaped link",
