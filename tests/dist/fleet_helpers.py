@@ -96,24 +96,26 @@ def wait_until(predicate, timeout: float = 120, what: str = "condition") -> None
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def island_pid(name: str) -> int:
+def island_pids(name: str) -> list[int]:
     found = subprocess.run(["pgrep", "-f", f"fleet.island={name}"], capture_output=True, text=True)
-    pids = [int(p) for p in found.stdout.split()]
+    return [int(p) for p in found.stdout.split()]
+
+
+def island_pid(name: str) -> int:
+    pids = island_pids(name)
     assert pids, f"no process for island {name}"
     return pids[0]
 
 
 def rank_pid(name: str, rank: int) -> int:
     """The process of one rank of a torchrun island (its RANK in the environment)."""
-    for pid in subprocess.run(
-        ["pgrep", "-f", f"fleet.island={name}"], capture_output=True, text=True
-    ).stdout.split():
+    for pid in island_pids(name):
         try:
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
             continue  # gone meanwhile
         if f"RANK={rank}".encode() in environ:
-            return int(pid)
+            return pid
     raise AssertionError(f"no rank {rank} of island {name}")
 
 

@@ -180,7 +180,7 @@ def schedule_step(cfg: Config, island, clock: RoundClock) -> int:
     return min(cfg.train.steps, int(cfg.train.steps * done / total))
 
 
-def fleet_due(cfg: Config, island, clock: RoundClock, world_size: int = 1) -> bool:
+def fleet_due(cfg: Config, island, clock: RoundClock) -> bool:
     """After an inner step: whether the island ends its round, or takes in the result of the
     exchange it overlapped with its last fleet.overlap steps (earlier when the next step saves
     a checkpoint, which must not hold a round half done)."""
@@ -189,7 +189,7 @@ def fleet_due(cfg: Config, island, clock: RoundClock, world_size: int = 1) -> bo
     ):
         return True
     due = island.member.round_due(clock.steps, clock.seconds())
-    if world_size > 1 and island.member.budget_kind == "seconds":
+    if island.fleet_group is not None and island.member.budget_kind == "seconds":
         # Each rank's clock reads differently: the leader's decides, or the ranks would part
         # ways (one syncing, the others in the next step's all-reduce) and hang.
         due = agree(due, island.fleet_group)

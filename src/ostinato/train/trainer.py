@@ -231,16 +231,16 @@ def train_step(
     cfg: TrainConfig,
     island: Island,
     place: Placement,
-    poison: bool = False,
-    schedule_step: int | None = None,
+    poison: bool,
+    schedule_step: int,
 ) -> tuple[float, float, str]:
     """One optimizer step with gradient accumulation: (mean loss, gradient norm, guard verdict).
 
     The step is applied only if the non-finite guard lets it through; `poison` injects a NaN
     into the loss (the `nan` fault) to prove that it does not. The learning rate is the
-    schedule's at `schedule_step` (default: the island's step).
+    schedule's at `schedule_step` (fleet/island.py: schedule_step).
     """
-    lr = lr_at(island.step if schedule_step is None else schedule_step, cfg)
+    lr = lr_at(schedule_step, cfg)
     for group in island.optimizer.param_groups:
         group["lr"] = lr
     dtype = autocast_dtype(cfg, place)
@@ -373,9 +373,7 @@ def run_steps(
             if metrics is not None:
                 metrics.write(record)
             progress.update(record, total)
-            if island.member is not None and fleet_island.fleet_due(
-                cfg, island, rounds, place.world_size
-            ):
+            if island.member is not None and fleet_island.fleet_due(cfg, island, rounds):
                 final = fleet_island.sync_round(cfg, island, place, out, rounds)
                 writer.last_saved_step = None  # the round changed the parameters
                 if final:
