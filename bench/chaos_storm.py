@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ostinato.faults.chaos import final_state
-from ostinato.faults.goodput import read_events, summarize
+from ostinato.goodput import read_events, summarize
 from ostinato.faults.spec import parse_faults
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from chaos_storm import ROOT, chaos_command, pick_seed, run_watched, storm_spec
 
-from ostinato.faults.goodput import summarize
+from ostinato.goodput import summarize
 
 
 @dataclass(frozen=True)

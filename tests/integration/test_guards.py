@@ -11,7 +11,7 @@ import torch
 
 from ostinato.checkpoint.reader import load_trained
 from ostinato.checkpoint.state import parameter_digest
-from ostinato.faults.goodput import read_events
+from ostinato.goodput import read_events
 from tests.conftest import TINY, run_cli
 from tests.integration.test_resume import final_state
 

@@ -5,7 +5,7 @@ import json
 import pytest
 from rich.console import Console
 
-from ostinato.faults.goodput import CATEGORIES, account, draw_timeline, read_events, render_table
+from ostinato.goodput import CATEGORIES, account, draw_timeline, read_events, render_table
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -1,5 +1,3 @@
-"""Faults: schedules of injected faults (spec), and where each second of a run went (goodput).
-
-spec parses `--faults` text into validated `Fault`s, expanding random storms; goodput reads the
-events the islands append to RUN_DIR/events.jsonl and splits island time into named categories.
-"""
+"""Faults: schedules of injected faults (spec), the step hooks that inject them in an island
+(inject), and the supervisor that sends crashes and hangs from outside and tells what each cost
+(chaos). Scaffolding for proving fault tolerance: nothing in train/ or fleet/ imports it."""

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ostinato.config import Config, budget_of
-from ostinato.faults.goodput import read_events, summarize
+from ostinato.goodput import read_events, summarize
 from ostinato.faults.inject import FIRED_FILE, FROM_OUTSIDE
 from ostinato.faults.spec import Fault, from_json, parse_faults, to_json
 from ostinato.fleet.guards import read_guard_log

@@ -22,7 +22,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from ostinato.faults.goodput import render_table, summarize
+from ostinato.goodput import render_table, summarize
 from ostinato.fleet.guards import read_guard_log
 
 console = Console(highlight=False)

@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ostinato.config import FleetConfig, budget_of
-from ostinato.faults.goodput import account, read_events, restarts
+from ostinato.goodput import account, read_events, restarts
 from ostinato.plan.closed_form import expected
 from ostinato.plan.costs import Costs, FaultKind, IslandCosts
 from ostinato.plan.errors import PlanError

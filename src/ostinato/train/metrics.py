@@ -46,7 +46,7 @@ class MetricsLog:
 
 
 class EventLog:
-    """Spans of wall-clock time by kind, for goodput accounting (ostinato.faults.goodput)."""
+    """Spans of wall-clock time by kind, for goodput accounting (ostinato.goodput)."""
 
     def __init__(self, path: Path, island: str):
         self.path, self.island = path, island

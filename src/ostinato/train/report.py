@@ -11,7 +11,7 @@ from rich.table import Table
 
 from ostinato import hardware
 from ostinato.config import HardwareConfig
-from ostinato.faults.goodput import render_table
+from ostinato.goodput import render_table
 from ostinato.train.trainer import TrainResult
 
 console = Console()

@@ -33,7 +33,7 @@ from ostinato.config import Config, TrainConfig, save_config
 from ostinato.data.sources import Documents, load_documents
 from ostinato.data.stream import TokenStream, tokenize
 from ostinato.data.tokenizer import check_vocab, load_tokenizer, train_tokenizer
-from ostinato.faults.goodput import Goodput, summarize
+from ostinato.goodput import Goodput, summarize
 from ostinato.faults.inject import Injector
 from ostinato.faults.poison import DataPoison
 from ostinato.fleet import island as fleet_island
