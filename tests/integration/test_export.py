@@ -11,19 +11,32 @@ import gguf
 import pytest
 import torch
 import typer
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from ostinato.checkpoint.reader import load_trained
 from ostinato.config import load_config
+from ostinato.data.tokenizer import EOS
+from ostinato.model import hf
 from ostinato.model.generate import generate
 from ostinato.serve.commands import register
 from ostinato.serve.convert import warn_head_size
 from ostinato.serve.gguf_export import halves_to_pairs
+from ostinato.serve.text import render_chat
 from ostinato.train.trainer import train
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(300)
 ROOT = Path(__file__).resolve().parents[2]
+EXPORT_FILES = (
+    "model.safetensors",
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "ostinato.json",
+)
 
 
 @pytest.fixture(scope="module")
@@ -125,13 +138,15 @@ def test_export_refuses_unfinished_and_corrupted_checkpoints(run_dir, tmp_path) 
 
 
 def test_gguf_export_reads_back(run_dir, tmp_path) -> None:
-    code, output = cli("export", run_dir, "--out", tmp_path, "--format", "gguf")
+    out = tmp_path / "tiny-gguf"
+    code, output = cli("export", run_dir, "--out", out, "--format", "gguf")
     assert code == 0, output
-    reader = gguf.GGUFReader(str(tmp_path / "model.gguf"))
+    reader = gguf.GGUFReader(str(out / "model.gguf"))
     fields = {name: field.contents() for name, field in reader.fields.items()}
     trained = load_trained(run_dir)
     cfg = trained.model.cfg
     assert fields["general.architecture"] == "llama"
+    assert fields["general.name"] == "tiny-gguf"
     assert fields["llama.block_count"] == cfg.n_layers
     assert fields["llama.context_length"] == cfg.max_seq_len
     assert fields["llama.attention.head_count_kv"] == cfg.n_kv_heads
@@ -145,6 +160,48 @@ def test_gguf_export_reads_back(run_dir, tmp_path) -> None:
     q = torch.from_numpy(tensors["blk.0.attn_q.weight"].data.copy())
     expected = halves_to_pairs(state["model.layers.0.self_attn.q_proj.weight"], cfg.n_heads)
     assert torch.equal(q, expected)
+    assert_same_prompts_as_ostinato_chat(fields)
+
+
+def assert_same_prompts_as_ostinato_chat(fields: dict) -> None:
+    """llama.cpp renders `tokenizer.chat_template` with Jinja (trim_blocks, lstrip_blocks) and
+    the EOS token's text from the file's vocabulary: that must be `ostinato chat`'s prompt."""
+    template = fields["tokenizer.chat_template"]
+    eos_text = fields["tokenizer.ggml.tokens"][fields["tokenizer.ggml.eos_token_id"]]
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    messages = [
+        {"role": "user", "content": "What is 2 + 3?"},
+        {"role": "assistant", "content": "2 + 3 = 5. #### 5"},
+        {"role": "user", "content": "What is 4 + 4?"},
+    ]
+    theirs = env.from_string(template).render(
+        messages=messages, eos_token=eos_text, bos_token="", add_generation_prompt=True
+    )
+    assert theirs == render_chat(messages, EOS)
+    assert theirs.endswith(f"#### 5{EOS}Question: What is 4 + 4?\nAnswer:")
+
+
+def test_re_export_replaces_the_directory_whole(run_dir, tmp_path) -> None:
+    from ostinato.serve.convert import export_model
+
+    out = tmp_path / "model"
+    sharded = export_model(run_dir, out, "bf16", max_shard_bytes=200_000)
+    assert len(sharded) > 1 and (out / hf.INDEX_FILE).is_file()
+    (out / "notes.txt").write_text("written by hand into an earlier export")
+    files = export_model(run_dir, out, "fp32")
+    assert files == [out / hf.SINGLE_FILE]
+    assert sorted(p.name for p in out.iterdir()) == sorted(EXPORT_FILES)
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary directory is left
+    assert len(hf.load_safetensors(out)) == len(
+        hf.to_hf_tensors(load_trained(run_dir).model, torch.float32)
+    )
+
+
+def test_export_never_replaces_a_directory_that_is_not_an_export(run_dir, tmp_path) -> None:
+    (tmp_path / "thesis.tex").write_text("years of work")
+    code, output = cli("export", run_dir, "--out", tmp_path)
+    assert code == 2 and "not an ostinato export" in output, output
+    assert [p.name for p in tmp_path.iterdir()] == ["thesis.tex"]
 
 
 def test_head_size_vllm_rejects_is_warned(caplog) -> None:

@@ -86,6 +86,45 @@ def test_sharded_weights_round_trip(tmp_path) -> None:
     )
 
 
+def test_missing_or_malformed_config_fields_are_named() -> None:
+    config = hf.hf_config(tiny_model().cfg, torch.float32, eos_id=0)
+    del config["hidden_size"], config["vocab_size"]
+    config.update(num_hidden_layers="2", head_dim=None, rope_parameters=None)
+    with pytest.raises(ValueError) as err:
+        hf.model_config_from_hf(config)
+    message = str(err.value)
+    assert message.startswith("config.json: ")
+    for named in ("hidden_size is missing", "vocab_size is missing", "num_hidden_layers = '2'"):
+        assert named in message
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", "\udcff"])
+def test_a_config_that_is_not_a_json_object_names_the_file(tmp_path, content) -> None:
+    (tmp_path / "config.json").write_text(content, errors="surrogateescape")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'config.json'}: "):
+        hf.read_hf_config(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "name", ["../model.safetensors", "/etc/passwd", "a/../../b.safetensors", "a\\b", 7]
+)
+def test_shard_names_that_leave_the_directory_are_refused(tmp_path, name) -> None:
+    hf.save_safetensors(hf.to_hf_tensors(tiny_model(), torch.float32), tmp_path, 100_000)
+    index = json.loads((tmp_path / hf.INDEX_FILE).read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = name
+    (tmp_path / hf.INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="is not a file inside"):
+        hf.load_safetensors(tmp_path)
+
+
+def test_a_corrupt_safetensors_file_names_the_file(tmp_path) -> None:
+    hf.save_safetensors(hf.to_hf_tensors(tiny_model(), torch.float32), tmp_path)
+    (tmp_path / hf.SINGLE_FILE).write_bytes(b"\xff" * 64)
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        hf.load_safetensors(tmp_path)
+
+
 def test_weights_of_another_shape_are_refused() -> None:
     tensors = hf.to_hf_tensors(tiny_model(), torch.float32)
     del tensors["model.norm.weight"]

@@ -7,17 +7,16 @@ and only then marked with `COMMITTED`, which holds the manifest's own sha256. A 
 instant leaves either a committed checkpoint or a temporary directory that is ignored.
 
 Only tensors go through DCP; everything else is JSON. DCP pickles its `.metadata` file, so it is
-read with an unpickler that admits DCP's own metadata classes and nothing else.
+read by `dcp_metadata`, which runs no code and refuses any entry that is not a tensor: a
+checkpoint that fails that check is treated like a corrupted one.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
-import pickle
 import shutil
 import threading
 import time
@@ -25,12 +24,13 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException, FileSystemReader
-from torch.distributed.checkpoint.metadata import StorageMeta
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner
 
+from ostinato.checkpoint.dcp_metadata import CheckpointError, read_metadata
 from ostinato.config import CheckpointConfig
 
 log = logging.getLogger("ostinato")
@@ -39,10 +39,6 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 FORMAT_VERSION = 1
 MARKER, MANIFEST, META = "COMMITTED", "manifest.json", "meta.json"
 TMP_PREFIX = ".tmp-"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: the message names the file and the problem."""
 
 
 def step_dir_name(step: int) -> str:
@@ -92,6 +88,10 @@ def verify(path: Path) -> str | None:
             return f"{file}: truncated ({file.stat().st_size} of {expected['bytes']} bytes)"
         if _sha256(file) != expected["sha256"]:
             return f"{file}: checksum mismatch (corrupted)"
+    try:  # checksums match, but whoever wrote them may be hostile
+        read_metadata(path)
+    except CheckpointError as exc:
+        return str(exc)
     return None
 
 
@@ -106,7 +106,12 @@ def latest_good(root: Path) -> Path | None:
 
 
 def read_meta(path: Path) -> dict[str, Any]:
-    meta = json.loads((path / META).read_text())
+    try:
+        meta = json.loads((path / META).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path / META}: unreadable ({exc})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path / META}: not a JSON object")
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{path / META}: format version {meta.get('format_version')}, this ostinato reads "
@@ -115,43 +120,25 @@ def read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-_PLAIN_GLOBALS = {
-    ("collections", "OrderedDict"),
-    ("torch.serialization", "_get_layout"),
-    ("pathlib", "PosixPath"),
-    ("pathlib", "WindowsPath"),
-}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Admits the classes DCP writes into `.metadata`, refuses any other global."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        allowed = (
-            module.startswith("torch.distributed.checkpoint.")
-            or (
-                module == "torch"
-                and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype))
-            )
-            or (module, name) in _PLAIN_GLOBALS
-        )
-        if not allowed:
-            raise pickle.UnpicklingError(
-                f"refusing to load {module}.{name} from checkpoint metadata"
-            )
-        return super().find_class(module, name)
-
-
 class SafeReader(FileSystemReader):
-    """DCP's file reader, with the metadata read through the restricted unpickler."""
+    """DCP's file reader, handed metadata already read and checked (`dcp_metadata`), and
+    refusing any item that DCP would unpickle (bytes) rather than load as a tensor."""
 
-    def read_metadata(self, *args: Any, **kwargs: Any):
-        with open(Path(self.path) / ".metadata", "rb") as f:
-            metadata = _MetadataUnpickler(io.BytesIO(f.read())).load()
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
+    def __init__(self, path: Path, metadata: Metadata):
+        super().__init__(path)
+        self.metadata = metadata
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        if getattr(self.metadata, "storage_meta", None) is None:
+            self.metadata.storage_meta = StorageMeta()
+        self.metadata.storage_meta.load_id = self.load_id
+        return self.metadata
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner):
+        unpickled = [i.dest_index.fqn for i in plan.items if i.type != LoadItemType.TENSOR]
+        if unpickled:  # `read_metadata` refuses these first; this is the last door before them
+            raise CheckpointError(f"{self.path}: refused non-tensor entries {unpickled[:3]}")
+        return super().read_data(plan, planner)
 
 
 def load_tensors(
@@ -159,10 +146,11 @@ def load_tensors(
 ) -> None:
     """Fill `tensors` (a nested dict of tensors) in place from the checkpoint at `path`;
     `no_dist`: this process reads alone, with no collectives (the other ranks may be busy)."""
+    metadata = read_metadata(path)  # refuses a hostile checkpoint before DCP reads anything
     try:
         dcp.load(
             tensors,
-            storage_reader=SafeReader(path),
+            storage_reader=SafeReader(path, metadata),
             process_group=process_group,
             no_dist=no_dist,
         )

@@ -24,14 +24,22 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
+def read_tokenizer_file(path: str | Path) -> Tokenizer:
+    """A tokenizer.json from disk (any model's); a ValueError names the file if it is missing
+    or is not one. Only JSON is read: the `tokenizers` library runs no code from it."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"data.tokenizer = {str(path)!r} does not exist. Give a tokenizer.json.")
+        raise ValueError(f"tokenizer {path}: no such file. Give a tokenizer.json.")
     try:
-        tokenizer = Tokenizer.from_file(str(path))
+        return Tokenizer.from_file(str(path))
     except Exception as exc:  # tokenizers raises a bare Exception on malformed JSON
-        raise ValueError(f"data.tokenizer = {str(path)!r} is not a tokenizer.json: {exc}") from None
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"tokenizer {path} is not a tokenizer.json: {reason}") from None
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """A tokenizer ostinato can train with: it must have the EOS token documents end with."""
+    tokenizer = read_tokenizer_file(path)
     if tokenizer.token_to_id(EOS) is None:
         raise ValueError(
             f"tokenizer {path} has no {EOS} token; ostinato separates documents with it."

@@ -69,25 +69,55 @@ def _unsupported(hf: dict[str, Any]) -> list[str]:
             f"architecture {archs or hf.get('model_type')!r}: only LlamaForCausalLM is supported"
         )
     rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
+    if not isinstance(rope, dict):
+        problems.append(f"rope_scaling = {rope!r}: must be an object")
+    elif rope.get("rope_type", rope.get("type", "default")) != "default":
         problems.append(f"rope scaling {rope!r}: only plain RoPE is supported")
     for key, allowed in (("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")):
         if hf.get(key, allowed) != allowed:
             problems.append(f"{key} = {hf[key]!r}: only {allowed!r} is supported")
     heads, dim = hf.get("num_attention_heads", 0), hf.get("hidden_size", 0)
-    if heads and hf.get("head_dim", dim // heads) * heads != dim:
+    if heads and (hf.get("head_dim") or dim // heads) * heads != dim:
         problems.append(f"head_dim = {hf['head_dim']}: must be hidden_size / num_attention_heads")
     if hf.get("quantization_config"):
         problems.append("quantization_config: quantized weights are not supported")
     return problems
 
 
+# Fields without which the model's shape is unknown; every other field has a Llama default.
+REQUIRED_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+)
+
+
+def _missing_or_bad(hf: dict[str, Any]) -> list[str]:
+    """Every required dimension that is absent or not a positive integer, named."""
+    problems = []
+    for key in REQUIRED_FIELDS:
+        if key not in hf:
+            problems.append(f"{key} is missing")
+    for key in (*REQUIRED_FIELDS, "num_key_value_heads", "head_dim", "max_position_embeddings"):
+        value = hf.get(key)
+        if key in hf and value is not None and (type(value) is not int or value < 1):
+            problems.append(f"{key} = {value!r}: must be a positive integer")
+    return problems
+
+
 def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    """Our ModelConfig for an HF Llama config; one ValueError names every unsupported feature."""
+    """Our ModelConfig for an HF Llama config; one ValueError names every missing field and
+    unsupported feature."""
+    problems = _missing_or_bad(hf)
+    if problems:
+        raise ValueError("config.json: " + "; ".join(problems))
     problems = _unsupported(hf)
     if problems:
         raise ValueError("cannot import this model: " + "; ".join(problems))
-    rope = hf.get("rope_parameters") or {}
+    rope = hf.get("rope_parameters")
+    rope = rope if isinstance(rope, dict) else {}
     dims = dict(
         vocab_size=hf["vocab_size"],
         dim=hf["hidden_size"],
@@ -150,10 +180,44 @@ def _save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
     path.chmod(0o644)
 
 
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a file from elsewhere; a ValueError names the file if it is not one."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a JSON object was expected, found {type(data).__name__}")
+    return data
+
+
+def shard_names(directory: Path) -> list[str]:
+    """The shard files an index names, each checked to be a relative path inside `directory`."""
+    index = directory / INDEX_FILE
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index}: no weight_map naming the shard files")
+    for name in weight_map.values():
+        if not _is_inside(name):
+            raise ValueError(
+                f"{index}: shard name {name!r} is not a file inside {directory} "
+                "(absolute paths and '..' are refused)"
+            )
+    return sorted(set(weight_map.values()))
+
+
+def _is_inside(name: Any) -> bool:
+    """A relative path that cannot leave its directory: not absolute, no '..', no backslash."""
+    if not isinstance(name, str) or not name or "\\" in name or "\0" in name:
+        return False
+    path = Path(name)
+    return not path.is_absolute() and ".." not in path.parts
+
+
 def load_safetensors(directory: Path) -> dict[str, torch.Tensor]:
     """Every tensor of an HF directory, single-file or sharded."""
     if (directory / INDEX_FILE).is_file():
-        files = sorted(set(json.loads((directory / INDEX_FILE).read_text())["weight_map"].values()))
+        files = shard_names(directory)
     elif (directory / SINGLE_FILE).is_file():
         files = [SINGLE_FILE]
     else:
@@ -163,9 +227,18 @@ def load_safetensors(directory: Path) -> dict[str, torch.Tensor]:
         )
     tensors = {}
     for file in files:
-        with safe_open(directory / file, framework="pt") as f:
-            tensors.update({name: f.get_tensor(name) for name in f.keys()})
+        tensors.update(_read_safetensors(directory / file))
     return tensors
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise ValueError(f"{path}: missing (named by {INDEX_FILE})")
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as exc:  # safetensors raises its own SafetensorError, or OSError
+        raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
 def load_hf_weights(model: Llama, tensors: dict[str, torch.Tensor]) -> None:
@@ -196,7 +269,7 @@ def read_hf_config(directory: Path) -> dict[str, Any]:
     path = directory / "config.json"
     if not path.is_file():
         raise ValueError(f"{directory}: no config.json; give a Hugging Face model directory")
-    return json.loads(path.read_text())
+    return read_json(path)
 
 
 def load_hf_model(directory: str | Path, dtype: torch.dtype = torch.float32) -> Llama:

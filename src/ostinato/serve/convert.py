@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,25 +42,66 @@ def export_model(
     fmt: str = "hf",
     max_shard_bytes: int = hf.DEFAULT_SHARD_BYTES,
 ) -> list[Path]:
-    """Write the model of a run or checkpoint to `out`; returns the weight files written."""
+    """Write the model of a run or checkpoint to `out`; returns the weight files written.
+
+    Everything is written into a fresh directory next to `out` that then replaces it, so a
+    re-export never leaves files of the previous one (a stale shard index, extra shards).
+    """
     if dtype not in hf.DTYPES:
         raise ValueError(f"--dtype {dtype}: choose one of {', '.join(hf.DTYPES)}")
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
-    trained = load_trained(source, "cpu")  # refuses unfinished or corrupted checkpoints
+    out = Path(os.path.abspath(out))  # lexically: `--out x/..` names x's parent, not ".."
+    check_replaceable(out)
+    trained = load_trained(source, "cpu")  # refuses unfinished, corrupted or hostile checkpoints
     warn_head_size(trained.model.cfg.head_dim)
-    out.mkdir(parents=True, exist_ok=True)
-    if fmt == "gguf":
-        from ostinato.serve.gguf_export import write_gguf
+    with fresh_directory(out) as tmp:
+        if fmt == "gguf":
+            from ostinato.serve.gguf_export import write_gguf
 
-        files = [write_gguf(trained.model, trained.tokenizer, out / "model.gguf", dtype)]
-    else:
-        files = write_hf_dir(
-            trained.model, trained.tokenizer, out, hf.DTYPES[dtype], max_shard_bytes
+            gguf_file = tmp / "model.gguf"
+            files = [write_gguf(trained.model, trained.tokenizer, gguf_file, dtype, out.name)]
+        else:
+            files = write_hf_dir(
+                trained.model, trained.tokenizer, tmp, hf.DTYPES[dtype], max_shard_bytes
+            )
+        provenance = {"checkpoint": str(trained.path.resolve()), "step": trained.meta["step"]}
+        _write_json(tmp / PROVENANCE, {**provenance, "dtype": dtype, "format": fmt})
+    return [out / f.relative_to(tmp) for f in files]
+
+
+def check_replaceable(out: Path) -> None:
+    """`out` may be replaced if it is absent, empty, or an earlier export (it has ostinato.json);
+    anything else may be someone's files, which an export must never delete."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a directory to export into")
+    if out.is_dir() and any(out.iterdir()) and not (out / PROVENANCE).is_file():
+        raise ValueError(
+            f"--out {out} holds files that are not an ostinato export (no {PROVENANCE}); "
+            "give a new or empty directory"
         )
-    provenance = {"checkpoint": str(trained.path.resolve()), "step": trained.meta["step"]}
-    _write_json(out / PROVENANCE, {**provenance, "dtype": dtype, "format": fmt})
-    return files
+
+
+@contextmanager
+def fresh_directory(out: Path) -> Iterator[Path]:
+    """An empty directory beside `out` that replaces it when the block succeeds, and is
+    deleted when it fails. A reader of `out` sees the old export or the new one, never a mix
+    (between the two renames `out` is absent for an instant)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
+    tmp.mkdir()  # with the umask's permissions: a serving stack may run as another user
+    try:
+        yield tmp
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def warn_head_size(head_dim: int) -> None:

@@ -1,4 +1,6 @@
-"""Write a GGUF file for llama.cpp with the `gguf` package: weights, hyper-parameters, tokenizer.
+"""Write a GGUF file for llama.cpp with the `gguf` package: weights, hyper-parameters, tokenizer
+and chat template (rendered by llama.cpp's Jinja engine: llama-server's default, `--jinja`
+for llama-cli).
 
 llama.cpp's `llama` architecture rotates adjacent pairs of each head's dimensions, while HF's
 (and our) RoPE rotates the two halves; q and k rows are permuted accordingly, exactly as
@@ -17,6 +19,7 @@ from tokenizers import Tokenizer
 from ostinato.data.tokenizer import eos_id
 from ostinato.model.hf import to_hf_tensors
 from ostinato.model.llama import Llama
+from ostinato.serve.text import CHAT_TEMPLATE
 
 QTYPES = {
     "fp32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
@@ -31,11 +34,12 @@ def halves_to_pairs(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     return weight.reshape(n_heads, 2, rows // n_heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
-def write_gguf(model: Llama, tokenizer: Tokenizer, path: Path, dtype: str) -> Path:
+def write_gguf(model: Llama, tokenizer: Tokenizer, path: Path, dtype: str, name: str) -> Path:
+    """`name` is the model's name (`general.name`), shown by llama.cpp: the export's name."""
     cfg = model.cfg
     qtype, file_type = QTYPES[dtype]
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
-    writer.add_name(path.parent.name or "ostinato")
+    writer.add_name(name or "ostinato")
     writer.add_context_length(cfg.max_seq_len)
     writer.add_embedding_length(cfg.dim)
     writer.add_block_count(cfg.n_layers)
@@ -90,3 +94,6 @@ def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Tokenizer, vocab_size: in
     writer.add_eos_token_id(eos)
     writer.add_pad_token_id(eos)
     writer.add_add_bos_token(False)
+    # The template `ostinato chat` and tokenizer_config.json use: without it llama.cpp falls back
+    # to another format, which this model was never trained on, and answers with nothing.
+    writer.add_chat_template(CHAT_TEMPLATE)

@@ -8,7 +8,6 @@ on the serving device shows up as a large logit difference or disagreeing tokens
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 from ostinato.checkpoint.reader import load_trained
 from ostinato.data.reasoning import make_problem
 from ostinato.data.tokenizer import EOS
+from ostinato.model import hf
 from ostinato.serve.convert import PROVENANCE
 from ostinato.serve.launch import resolve_device
 
@@ -49,6 +49,18 @@ class Verification:
         return self.max_abs_diff <= self.tolerance and self.agreement >= self.min_agreement
 
 
+def load_export(export_dir: Path):
+    """The export as transformers loads it: safetensors only (a .bin file would be unpickled),
+    and no code from the directory."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    return AutoModelForCausalLM.from_pretrained(
+        export_dir, use_safetensors=True, trust_remote_code=False
+    )
+
+
 def fixed_texts() -> list[str]:
     """Worked problems in the demo's format (held out by split name) and plain sentences."""
     problems = [make_problem(0, "verify", i).text + EOS for i in range(6)]
@@ -63,11 +75,14 @@ def find_checkpoint(export_dir: Path, checkpoint: Path | None) -> Path:
         raise ValueError(
             f"{export_dir}: no {PROVENANCE} naming the trained checkpoint; pass --checkpoint"
         )
-    return Path(json.loads(provenance.read_text())["checkpoint"])
+    named = hf.read_json(provenance).get("checkpoint")
+    if not isinstance(named, str) or not named:
+        raise ValueError(f'{provenance}: no "checkpoint" path; pass --checkpoint')
+    return Path(named)
 
 
 def export_dtype(export_dir: Path) -> str:
-    config = json.loads((export_dir / "config.json").read_text())
+    config = hf.read_hf_config(export_dir)
     names = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
     return names.get(config.get("torch_dtype") or config.get("dtype"), "fp32")
 
@@ -82,16 +97,11 @@ def verify_export(
 ) -> Verification:
     if not (export_dir / "config.json").is_file():
         raise ValueError(f"{export_dir}: no config.json; verify checks an HF export directory")
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-
     place = resolve_device(device)
+    # The checkpoint first: a refused one fails before transformers is even imported.
     trained = load_trained(find_checkpoint(export_dir, checkpoint), place)
     dtype = export_dtype(export_dir)
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    exported = AutoModelForCausalLM.from_pretrained(export_dir).to(place, torch_dtype).eval()
+    exported = load_export(export_dir).to(place, hf.DTYPES[dtype]).eval()
     diff, agree, nll_ours, nll_theirs, count = 0.0, 0, 0.0, 0.0, 0
     for text in fixed_texts():
         ids = trained.tokenizer.encode(text, add_special_tokens=False).ids
