@@ -1,7 +1,9 @@
 """The OpenAI-compatible HTTP API over the engine: completions, chat, streaming, metrics.
 
 Every refusal is an OpenAI-style error body with a 4xx status; an unexpected failure is a 500
-with a one-line message (the traceback goes to the server log, never to the client).
+with a one-line message (the traceback goes to the server log, never to the client). One request
+never holds up another: bodies are bounded before parsing, tokenizing runs off the event loop,
+and a sequence that fails in the engine ends alone.
 """
 
 from __future__ import annotations
@@ -24,8 +26,12 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 from tokenizers import Tokenizer
 
+from ostinato.config import ServeConfig
 from ostinato.serve.engine import Engine, Sampling
+from ostinato.serve.limits import BodyLimit
 from ostinato.serve.schemas import (
+    GENERATION_RESPONSES,
+    PLAIN_RESPONSES,
     ApiError,
     ChatRequest,
     CompletionRequest,
@@ -36,6 +42,8 @@ from ostinato.serve.text import CHAT_TEMPLATE, TextStream, render_chat
 
 log = logging.getLogger("ostinato")
 ROUTES = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
+# Pydantic's location parts that name a member of a union, not a field of the request.
+UNION_TAGS = {"str", "int", "float", "bool", "none"}
 
 
 @dataclass
@@ -49,6 +57,7 @@ class Served:
     chat_template: str = CHAT_TEMPLATE
     api_key: str | None = None
     max_concurrent: int = 64
+    max_body_bytes: int = ServeConfig.max_body_bytes
     http: Counter = field(default_factory=Counter)  # (path, status) -> requests
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -77,17 +86,18 @@ def _add_error_handlers(app: FastAPI) -> None:
         problems = exc.errors()
         if any(p.get("type") == "json_invalid" for p in problems):
             return error_response(400, "the request body is not valid JSON", code="invalid_json")
-        first = problems[0]
-        param = ".".join(str(part) for part in first.get("loc", ())[1:]) or None
+        # Of a union's failed members, the one that got deepest is the one the client meant
+        # (a list of stop strings, not a string): its location names the field.
+        param = _field_path(max(problems, key=lambda p: len(p.get("loc", ()))).get("loc", ()))
         message = "; ".join(
-            f"{'.'.join(str(x) for x in p.get('loc', ())[1:]) or 'body'}: {p.get('msg')}"
-            for p in problems
+            f"{_field_path(p.get('loc', ())) or 'body'}: {p.get('msg')}" for p in problems
         )
         return error_response(400, message, param=param, code="invalid_value")
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail))
+        # Keeps the exception's headers: a 405 must say which methods are allowed (Allow).
+        return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -95,7 +105,20 @@ def _add_error_handlers(app: FastAPI) -> None:
         return error_response(500, f"internal error: {type(exc).__name__}")
 
 
+def _field_path(loc: tuple) -> str | None:
+    """'messages.0.content' from pydantic's error location: no 'body', no union-member tags."""
+    parts = [
+        str(part)
+        for part in loc[1:]
+        if isinstance(part, int) or (part.isidentifier() and part not in UNION_TAGS)
+    ]
+    return ".".join(parts) or None
+
+
 def _add_middleware(app: FastAPI, served: Served) -> None:
+    # Added first, so it runs inside the one below: its 413s are counted in the metrics.
+    app.add_middleware(BodyLimit, limit=served.max_body_bytes)
+
     @app.middleware("http")
     async def auth_and_count(request: Request, call_next):
         if served.api_key is not None and not _authorized(request, served.api_key):
@@ -114,15 +137,15 @@ def _authorized(request: Request, key: str) -> bool:
 
 
 def _add_routes(app: FastAPI, served: Served) -> None:
-    @app.get("/health")
+    @app.get("/health", responses=PLAIN_RESPONSES)
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=PLAIN_RESPONSES)
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(prometheus_text(served), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=PLAIN_RESPONSES)
     async def models() -> dict[str, Any]:
         card = {
             "id": served.name,
@@ -133,21 +156,32 @@ def _add_routes(app: FastAPI, served: Served) -> None:
         }
         return {"object": "list", "data": [card]}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=GENERATION_RESPONSES)
     async def completions(body: CompletionRequest):
-        prompt = body.prompt if isinstance(body.prompt, list) else _encode(served, body.prompt)
+        prompt = body.prompt
+        if isinstance(prompt, str):
+            prompt = await asyncio.to_thread(_encode, served, prompt)
         return await _respond(served, body, prompt, body.max_tokens or 16, chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=GENERATION_RESPONSES)
     async def chat(body: ChatRequest):
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        text = render_chat(messages, served.eos_token, served.chat_template)
+        prompt = await asyncio.to_thread(_encode_chat, served, messages)
         max_tokens = body.max_completion_tokens or body.max_tokens
-        return await _respond(served, body, _encode(served, text), max_tokens, chat=True)
+        return await _respond(served, body, prompt, max_tokens, chat=True)
 
 
+# Rendering and tokenizing run in worker threads: a long prompt costs its own request time,
+# never the event loop's, so /health and the streams of other requests go on meanwhile.
+# `encode_batch_fast` (tokenizers >= 0.20, which transformers requires), because `encode`
+# holds the GIL throughout (seconds for a 1 MiB prompt), which would stop the event loop as
+# surely as running it there; the fast variant skips the character offsets we never use.
 def _encode(served: Served, text: str) -> list[int]:
-    return served.tokenizer.encode(text, add_special_tokens=False).ids
+    return served.tokenizer.encode_batch_fast([text], add_special_tokens=False)[0].ids
+
+
+def _encode_chat(served: Served, messages: list[dict[str, str]]) -> list[int]:
+    return _encode(served, render_chat(messages, served.eos_token, served.chat_template))
 
 
 def _check(served: Served, body: GenerationFields, prompt: list[int], max_tokens: int) -> None:
@@ -161,9 +195,6 @@ def _check(served: Served, body: GenerationFields, prompt: list[int], max_tokens
         )
     if not prompt:
         raise ApiError(400, "the prompt is empty", param="prompt", code="invalid_value")
-    vocab = served.tokenizer.get_vocab_size()
-    if any(not 0 <= t < vocab for t in prompt):
-        raise ApiError(400, f"token ids must lie in [0, {vocab})", param="prompt")
     context = served.engine.max_seq_len
     if len(prompt) + max_tokens > context:
         raise ApiError(
@@ -173,6 +204,9 @@ def _check(served: Served, body: GenerationFields, prompt: list[int], max_tokens
             param="max_tokens" if len(prompt) < context else "prompt",
             code="context_length_exceeded",
         )
+    vocab = served.tokenizer.get_vocab_size()  # checked after the length: at most `context` ids
+    if any(not 0 <= t < vocab for t in prompt):
+        raise ApiError(400, f"token ids must lie in [0, {vocab})", param="prompt")
     if served.engine.load() >= served.max_concurrent:
         raise ApiError(
             429,

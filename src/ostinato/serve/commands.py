@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from ostinato.cli_support import Debug, user_errors
+from ostinato.config import ServeConfig
 
 Directory = Annotated[Path, typer.Argument(help="An export directory (from ostinato export).")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or npu.")]
@@ -107,6 +108,9 @@ def serve(
         int, typer.Option(help="Sequences decoded together (KV-cache slots).")
     ] = 16,
     max_concurrent: Annotated[int, typer.Option(help="Requests in flight before 429.")] = 64,
+    max_body_bytes: Annotated[
+        int, typer.Option(help="Largest request body, in bytes; a larger one gets 413.")
+    ] = ServeConfig.max_body_bytes,
     name: Annotated[
         str | None, typer.Option(help="Model name clients ask for (default: DIR's name).")
     ] = None,
@@ -124,14 +128,16 @@ def serve(
         raise ValueError(f"--engine {engine}: choose ostinato or vllm")
     if dtype not in ("auto", "fp32", "bf16", "fp16"):
         raise ValueError(f"--dtype {dtype}: choose auto, fp32, bf16 or fp16")
-    if max_batch < 1 or max_concurrent < 1:
-        raise ValueError("--max-batch and --max-concurrent must be at least 1")
+    if max_batch < 1 or max_concurrent < 1 or max_body_bytes < 1:
+        raise ValueError("--max-batch, --max-concurrent and --max-body-bytes must be at least 1")
     if engine == "vllm":
         exec_vllm(directory, host, port, api_key, name, max_batch, dtype)
     from ostinato.serve.api import Served, create_app
 
     model_engine, tokenizer, eos_token, template = load_engine(directory, device, dtype, max_batch)
-    served = Served(model_engine, tokenizer, name, eos_token, template, api_key, max_concurrent)
+    served = Served(
+        model_engine, tokenizer, name, eos_token, template, api_key, max_concurrent, max_body_bytes
+    )
     sock, url = bind(host, port)
     run_http(create_app(served), sock, url)
 

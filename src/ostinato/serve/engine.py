@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ostinato.model.generate import sample_token
 from ostinato.model.llama import Llama
 
 log = logging.getLogger("ostinato")
@@ -135,17 +136,30 @@ class Engine:
     @torch.no_grad()
     def step(self) -> None:
         """Admit and prefill new sequences, then decode one token for every running one."""
+        self._drop_cancelled()
+        admitted = self._admit()
+        if admitted:
+            self._isolated(self._prefill, admitted)
+        if self.running:
+            self._isolated(self._decode, list(self.running.values()))
+
+    def _isolated(self, run: Callable[[list[Sequence]], None], seqs: list[Sequence]) -> None:
+        """Run one batched pass; if it fails, run each sequence alone, so a failure ends only the
+        sequence that causes it, never the others that happened to share its batch.
+
+        Retrying is safe: a failed pass has advanced no sequence (sampling failures are caught
+        per sequence in `_advance`), and rerunning it rewrites the same KV-cache positions.
+        """
         try:
-            self._drop_cancelled()
-            admitted = self._admit()
-            if admitted:
-                self._prefill(admitted)
-            if self.running:
-                self._decode()
-        except Exception:  # never let one bad batch take the server down: fail it, go on
-            log.exception("engine step failed; ending the sequences in it")
-            for seq in list(self.running.values()):
-                self._finish(seq, None, "error")
+            run(seqs)
+        except Exception:
+            if len(seqs) == 1:
+                log.exception("engine pass failed; ending its one sequence")
+                self._finish(seqs[0], None, "error")
+                return
+            log.warning("batched pass of %d sequences failed; retrying one by one", len(seqs))
+            for seq in seqs:
+                self._isolated(run, [seq])
 
     def _drop_cancelled(self) -> None:
         for seq in [s for s in self.running.values() if s.cancelled]:
@@ -179,8 +193,7 @@ class Engine:
         self.stats["prefill_steps"] += 1
         self._advance(seqs, logits[torch.arange(len(seqs), device=self.device), last])
 
-    def _decode(self) -> None:
-        seqs = list(self.running.values())
+    def _decode(self, seqs: list[Sequence]) -> None:
         tokens = torch.tensor([[s.last_token] for s in seqs], device=self.device)
         positions = torch.tensor([[s.length] for s in seqs], device=self.device)  # (B, 1)
         length = int(positions.max()) + 1
@@ -202,51 +215,47 @@ class Engine:
             cache.bind(rows, positions, length)
 
     def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        """Pick each sequence's next token from its logits (B, V) and emit it or finish."""
-        picked = pick_tokens(
-            logits.float(), [s.sampling for s in seqs], [s.generator for s in seqs]
-        )
-        for seq, token in zip(seqs, picked, strict=True):
-            if token == self.eos_id and not seq.sampling.ignore_eos:
-                self._finish(seq, None, "stop")
-                continue
-            seq.generated += 1
-            seq.last_token = token
-            self.stats["generated_tokens"] += 1
-            out_of_room = seq.length + 1 >= self.max_seq_len
-            if seq.generated >= seq.sampling.max_tokens or out_of_room:
-                self._finish(seq, token, "length")
-            else:
-                seq.emit(token, None)
+        """Pick each sequence's next token from its logits (B, V) and emit it or finish.
+
+        Each sequence is picked and emitted on its own: one whose sampling (or client) fails
+        ends with "error" alone, and the rest of the batch carries on.
+        """
+        greedy = logits.argmax(dim=-1).tolist()  # one batched call for every greedy row
+        for row, seq in enumerate(seqs):
+            try:
+                params = seq.sampling
+                token = greedy[row]
+                if params.temperature > 0:
+                    token = sample_token(
+                        logits[row], params.temperature, params.top_p, seq.generator
+                    )
+                self._accept(seq, token)
+            except Exception:
+                log.exception("sampling failed for one sequence; ending it alone")
+                self._finish(seq, None, "error")
+
+    def _accept(self, seq: Sequence, token: int) -> None:
+        if token == self.eos_id and not seq.sampling.ignore_eos:
+            self._finish(seq, None, "stop")
+            return
+        seq.generated += 1
+        seq.last_token = token
+        self.stats["generated_tokens"] += 1
+        out_of_room = seq.length + 1 >= self.max_seq_len
+        if seq.generated >= seq.sampling.max_tokens or out_of_room:
+            self._finish(seq, token, "length")
+        else:
+            seq.emit(token, None)
 
     def _finish(self, seq: Sequence, token: int | None, reason: str) -> None:
         self._release(seq)
         self.stats[f"finished_{reason}"] += 1
-        seq.emit(token, reason)
+        try:
+            seq.emit(token, reason)
+        except Exception:  # its client is gone (e.g. the event loop closed): nothing to tell
+            log.warning("could not deliver the end of a sequence", exc_info=True)
 
     def _release(self, seq: Sequence) -> None:
         with self.cond:
             if self.running.pop(seq.slot, None) is not None:
                 self.free_slots.append(seq.slot)
-
-
-def pick_tokens(
-    logits: torch.Tensor, sampling: list[Sampling], generators: list[torch.Generator | None]
-) -> list[int]:
-    """Greedy rows by argmax (one batched call); sampled rows with temperature and top-p."""
-    picked = logits.argmax(dim=-1).tolist()
-    for row, params in enumerate(sampling):
-        if params.temperature > 0:
-            probs = torch.softmax(logits[row] / params.temperature, dim=-1).cpu()
-            if params.top_p < 1.0:
-                probs = _top_p(probs, params.top_p)
-            picked[row] = int(torch.multinomial(probs, 1, generator=generators[row]))
-    return picked
-
-
-def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose probability reaches top_p."""
-    sorted_probs, order = probs.sort(descending=True)
-    outside = sorted_probs.cumsum(0) - sorted_probs >= top_p
-    sorted_probs[outside] = 0.0
-    return torch.zeros_like(probs).scatter(0, order, sorted_probs)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import socket
 import sys
@@ -14,7 +13,8 @@ from tokenizers import Tokenizer
 
 from ostinato import hardware
 from ostinato.config import HardwareConfig
-from ostinato.model.hf import DTYPES, load_hf_model, read_hf_config
+from ostinato.data.tokenizer import read_tokenizer_file
+from ostinato.model.hf import DTYPES, load_hf_model, read_hf_config, read_json
 from ostinato.serve.engine import Engine
 from ostinato.serve.text import CHAT_TEMPLATE
 
@@ -46,7 +46,7 @@ def load_engine(
         )
     place = resolve_device(device)
     model = load_hf_model(directory, serving_dtype(directory, place, dtype)).to(place)
-    tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    tokenizer = read_tokenizer_file(directory / "tokenizer.json")  # ValueError names the file
     eos_token, template = _tokenizer_settings(directory)
     eos_id = tokenizer.token_to_id(eos_token)
     if eos_id is None:
@@ -57,7 +57,7 @@ def load_engine(
 def _tokenizer_settings(directory: Path) -> tuple[str, str]:
     """EOS token and chat template from tokenizer_config.json (ours, or any HF model's)."""
     path = directory / "tokenizer_config.json"
-    settings = json.loads(path.read_text()) if path.is_file() else {}
+    settings = read_json(path) if path.is_file() else {}  # ValueError names the file
     eos = settings.get("eos_token") or "<|endoftext|>"
     eos = eos["content"] if isinstance(eos, dict) else eos
     template = settings.get("chat_template") or CHAT_TEMPLATE
