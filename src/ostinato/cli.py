@@ -1,7 +1,9 @@
 """The `ostinato` command: a thin map from command names to typed functions.
 
-Each command's docstring is its --help. User errors (a bad config, a missing file, an unusable
-checkpoint) end with a one-paragraph message and exit code 2; --debug shows the traceback.
+Each command's docstring is its --help. A failure the user can act on ends with a one-paragraph
+message and the exit code of its kind (ostinato.errors): 2 bad input (a bad config, a missing
+file, an unusable checkpoint), 3 refused by the fleet, 4 an unreachable peer; --debug shows the
+traceback. Exit code 1 is a bug, with its traceback.
 """
 
 from __future__ import annotations
@@ -14,8 +16,14 @@ from typing import Annotated
 import typer
 
 from ostinato.cli_support import OVERRIDES, Debug, parse_overrides, user_errors
+from ostinato.errors import EXIT_CODES_HELP
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help=__doc__.splitlines()[0],
+    epilog=EXIT_CODES_HELP,
+)
 
 
 @app.command(context_settings=OVERRIDES)
@@ -37,11 +45,13 @@ def train(
     The run directory gets config.toml, metrics.jsonl, tokenizer.json and checkpoints/.
     """
     from ostinato.config import load_config
+    from ostinato.faults.inject import step_hooks
     from ostinato.train.report import print_result
     from ostinato.train.trainer import train as run_training
 
     cfg = load_config(config, parse_overrides(ctx.args))
-    result = run_training(cfg, out or Path("runs") / config.stem, resume)
+    hooks = step_hooks(cfg)  # faults.schedule, injected through the trainer's step hooks
+    result = run_training(cfg, out or Path("runs") / config.stem, resume, hooks=hooks)
     if int(os.environ.get("RANK", "0")) == 0:
         print_result(result)
 
@@ -87,7 +97,7 @@ def fleet_coordinator(
         raise ValueError(
             "the coordinator needs a fleet token: set OSTINATO_FLEET_TOKEN or --fleet.token"
         )
-    recipe = recipe_fingerprint(full) if config else None
+    recipe = recipe_fingerprint(full.model, full.fleet, full.train.steps) if config else None
     coordinator = Coordinator(bind, full.fleet, out, full.guards, recipe)
     print(f"coordinator on {bind.rpartition(':')[0]}:{coordinator.port}", flush=True)
     coordinator.run()
@@ -129,7 +139,10 @@ def fleet_local(
     """Run a whole fleet on this machine: a coordinator and one process per island.
 
     Every --section.key=value goes to all islands (and --fleet.* also to the coordinator);
-    --for b:fleet.slowdown=3 changes island b only. Exits 0 when the run completes.
+    --for b:train.threads=1 changes island b only. An island that dies or exits 1 or 4 (an
+    unreachable peer) is restarted, up to --max-restarts; one that exits 2 (bad input) or 3
+    (refused by the fleet) would fail again, so the fleet stops and exits with that code.
+    Exits 0 when the run completes, 1 (or the islands' 4) when an island ran out of restarts.
     """
     from ostinato.config import load_config
     from ostinato.fleet.local import LocalFleet, island_names, parse_per_island

@@ -13,6 +13,8 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
+from ostinato.errors import exit_code_of
+
 err = Console(stderr=True, soft_wrap=True)  # error messages keep paths on one line
 OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")]
@@ -31,7 +33,9 @@ def _setup_logging() -> None:
 
 
 def user_errors(command):
-    """Turn ValueError (and its ConfigError/CheckpointError kin) into exit code 2 with the message."""
+    """End a command that fails in a way the user can act on with one line and the exit code of
+    its kind (ostinato.errors): 2 bad input (ValueError and its ConfigError/CheckpointError kin),
+    3 refused by the fleet, 4 an unreachable peer. Anything else is a bug: traceback, exit 1."""
 
     @functools.wraps(command)
     def wrapper(*args, debug: bool = False, **kwargs):
@@ -42,7 +46,7 @@ def user_errors(command):
             if debug:
                 raise
             err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
-            raise typer.Exit(2) from None
+            raise typer.Exit(exit_code_of(exc)) from None
 
     return wrapper
 

@@ -24,6 +24,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from ostinato.errors import BadInput
+from ostinato.jsonl import read_jsonl
+
 SPAN_KINDS = ("compute", "exchange", "waiting", "checkpoint", "recovery", "discarded")
 # Losses hide what they overlap: steps later discarded were computed, but not kept; a checkpoint
 # or exchange stall counts as that stall even if a waiting span is open around it.
@@ -64,25 +67,34 @@ class Goodput:
 
 
 def read_events(run_or_fleet_dir: str | Path) -> list[dict]:
-    """Events of a run dir or of every island dir in a fleet dir, in time order. Lines that do
-    not parse are skipped: a SIGKILL can tear the line being written, and the run goes on."""
+    """Events of a run dir or of every island dir in a fleet dir, in time order. A line that does
+    not parse is skipped (ostinato.jsonl): a SIGKILL can tear the line being written."""
     root = Path(run_or_fleet_dir)
-    files = [
-        p for p in [root / "events.jsonl", *sorted(root.glob("*/events.jsonl"))] if p.is_file()
-    ]
+    files = _event_files(root)
     if not files:
-        raise FileNotFoundError(f"no events.jsonl in {root} or in its island dirs")
+        raise BadInput(
+            f"no events.jsonl in {root} or in its island directories: not a run or fleet "
+            "directory, or its run logged nothing"
+        )
     events = []
     for path in files:
-        for line in path.read_text().splitlines():
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(event, dict):
-                event.setdefault("island", path.parent.name)  # a lone trainer run names none
-                events.append(event)
+        for event in read_jsonl(path):
+            event.setdefault("island", path.parent.name)  # a lone trainer run names none
+            events.append(_timed(event, path))
     return sorted(events, key=lambda e: _times(e)[0])
+
+
+def _timed(event: dict, path: Path) -> dict:
+    """The event, if it carries the times its type needs; a bad writer is named, not a KeyError."""
+    keys = {"span": ("start", "end"), "mark": ("time",)}.get(event.get("type"))
+    if keys is None or not all(isinstance(event.get(k), int | float) for k in keys):
+        raise BadInput(f"{path}: {event} is neither a span (start, end) nor a mark (time)")
+    return event
+
+
+def _event_files(root: Path) -> list[Path]:
+    candidates = [root / "events.jsonl", *sorted(root.glob("*/events.jsonl"))]
+    return [p for p in candidates if p.is_file()]
 
 
 def account(events: list[dict]) -> Goodput:
@@ -258,7 +270,9 @@ def _lost_to_deaths(pieces) -> list[tuple[float, float, str]]:
 def summarize(run_or_fleet_dir: str | Path, title: str) -> Goodput:
     """Account a finished run: goodput.json and timeline.png are kept in its directory."""
     folder = Path(run_or_fleet_dir)
-    events = read_events(folder)
+    # A fleet whose islands all failed before logging anything still ends with their exit codes,
+    # not with a missing file: its account is empty (no time, goodput 0).
+    events = read_events(folder) if _event_files(folder) else []
     goodput = account(events)
     (folder / "goodput.json").write_text(json.dumps(goodput.to_json(), indent=1))
     draw_timeline(events, folder / "timeline.png", title)

@@ -1,8 +1,15 @@
-"""The CLI as a user meets it: help, doctor, and one-paragraph errors with exit code 2."""
+"""The CLI as a user meets it: help, doctor, and one-line errors with one exit code per kind."""
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY, run_cli
+from tests.conftest import TINY, cli_env, run_cli
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -78,3 +85,146 @@ def test_checkpoint_from_an_incompatible_config(tmp_path):
 def test_debug_shows_the_traceback(tmp_path):
     done = run_cli("train", "--config", str(tmp_path / "nope.toml"), "--debug")
     assert done.returncode != 0 and "Traceback" in done.stderr
+
+
+# --- one exit code per kind of failure (ostinato.errors) ----------------------------------------
+
+
+def last_line_error(done, code: int, *words: str) -> str:
+    """The command ended with exit `code` and its message last: `error: ...` naming `words` (one
+    line; a config error goes on with one line per bad field), no traceback."""
+    assert done.returncode == code, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    starts = [i for i, line in enumerate(lines) if line.startswith("error: ")]
+    assert starts, done.stderr[-2000:]
+    message = "\n".join(lines[starts[-1] :])
+    assert all(line.startswith("  ") for line in lines[starts[-1] + 1 :]), message
+    for word in words:
+        assert word in message, message
+    return message
+
+
+def test_help_lists_the_exit_codes():
+    done = run_cli("--help")
+    assert done.returncode == 0
+    text = " ".join(done.stdout.split())  # rich wraps the epilog
+    for words in ("2 bad input", "3 refused by the fleet", "4 a peer was unreachable"):
+        assert words in text, done.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def coordinator():
+    """A coordinator on 127.0.0.1 (port 0) whose fleet token is "right"; yields its address."""
+    env = {**cli_env(), "OSTINATO_FLEET_TOKEN": "right"}
+    command = [sys.executable, "-m", "ostinato", "fleet", "coordinator", "--bind", "127.0.0.1:0"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        for line in process.stdout:  # log lines may come first
+            if line.startswith("coordinator on "):
+                yield line.split()[-1]
+                break
+        else:
+            pytest.fail(f"the coordinator did not start (exit {process.wait()})")
+    finally:
+        process.kill()
+        process.wait()
+
+
+ISLAND = ("train", "--config", str(TINY), "--train.steps=2", "--fleet.island=a")
+
+
+def test_exit_code_2_bad_input(tmp_path):
+    done = run_cli(*ISLAND, "--out", str(tmp_path / "bad"), "--model.size=13b")
+    last_line_error(done, 2, "model.size")
+
+
+def test_exit_code_3_refused_by_the_fleet(tmp_path, coordinator):
+    done = run_cli(
+        *ISLAND,
+        "--out",
+        str(tmp_path / "refused"),
+        f"--fleet.coordinator={coordinator}",
+        "--fleet.token=wrong",
+    )
+    last_line_error(done, 3, "refused island 'a'", "wrong fleet token")
+
+
+def test_exit_code_4_unreachable_coordinator(tmp_path):
+    done = run_cli(
+        *ISLAND,
+        "--out",
+        str(tmp_path / "unreachable"),
+        f"--fleet.coordinator=127.0.0.1:{free_port()}",
+        "--fleet.connect_timeout_s=1",
+        "--fleet.token=right",
+    )
+    last_line_error(done, 4, "not reachable")
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory) -> Path:
+    from ostinato.config import load_config
+    from ostinato.serve.convert import export_model
+    from ostinato.train.trainer import train
+
+    run = tmp_path_factory.mktemp("run")
+    cfg = load_config(TINY, ["train.steps=2", "checkpoint.every=2", "train.eval_problems=0"])
+    train(cfg, run, "none", show_progress=False)
+    out = tmp_path_factory.mktemp("export") / "tiny"
+    export_model(run, out)
+    return out
+
+
+def broken_copy(export_dir: Path, tmp_path: Path, file: str, text: str | None) -> Path:
+    """A copy of the export with `file` replaced by `text` (None: removed)."""
+    copy = tmp_path / "broken"
+    shutil.copytree(export_dir, copy)
+    if text is None:
+        (copy / file).unlink()
+    else:
+        (copy / file).write_text(text)
+    return copy
+
+
+def without(config_json: Path, key: str) -> str:
+    config = json.loads(config_json.read_text())
+    del config[key]
+    return json.dumps(config)
+
+
+@pytest.mark.parametrize(
+    "file, text, words",
+    [
+        ("tokenizer.json", None, ("tokenizer", "tokenizer.json")),
+        ("tokenizer.json", '{"version": "1.0", "mod', ("tokenizer", "tokenizer.json")),
+        ("config.json", "hidden_size", ("config.json", "hidden_size")),
+    ],
+    ids=["missing tokenizer", "corrupt tokenizer", "incomplete config"],
+)
+def test_serve_a_broken_export_is_one_line(export_dir, tmp_path, file, text, words):
+    if text == "hidden_size":
+        text = without(export_dir / "config.json", "hidden_size")
+    broken = broken_copy(export_dir, tmp_path, file, text)
+    done = run_cli("serve", str(broken), "--port", "0", "--device", "cpu", timeout=60)
+    last_line_error(done, 2, *words)
+
+
+def test_import_an_incomplete_config_is_one_line(export_dir, tmp_path):
+    text = without(export_dir / "config.json", "num_attention_heads")
+    broken = broken_copy(export_dir, tmp_path, "config.json", text)
+    done = run_cli("import", str(broken), "--out", str(tmp_path / "run"))
+    last_line_error(done, 2, "config.json", "num_attention_heads")
+
+
+def test_calibrate_a_directory_without_a_run_is_one_line(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "events.jsonl").write_text('{"type": "sp')  # torn, and nothing else
+    done = run_cli("plan", "--calibrate", str(tmp_path))
+    last_line_error(done, 2, "not an ostinato run")

@@ -137,7 +137,7 @@ def test_read_fleet_and_single_run_dirs(tmp_path):
         [{k: v for k, v in span("x", "compute", 0, 2).items() if k != "island"}],
     )
     assert read_events(run)[0]["island"] == "run"
-    with pytest.raises(FileNotFoundError, match="no events.jsonl"):
+    with pytest.raises(ValueError, match="no events.jsonl"):  # BadInput: exit 2, one line
         read_events(tmp_path / "empty")
 
 
