@@ -32,9 +32,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ostinato.faults.chaos import final_state
-from ostinato.goodput import read_events, summarize
 from ostinato.faults.spec import parse_faults
+from ostinato.faults.survival import final_state
+from ostinato.goodput import read_events, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 ISLANDS = ("a", "b", "c")
@@ -70,10 +70,10 @@ class Run:
 # --- running ------------------------------------------------------------------------------------
 
 
-def chaos_command(out: Path, faults: str, args, compare: bool, extra=()) -> list[str]:
+def chaos_command(out: Path, faults: str, args, compare: bool, extra=(), islands=3) -> list[str]:
     rounds = max(1, round(args.minutes * 60 / args.round_s))
     command = [sys.executable, "-m", "ostinato", "chaos", "--config", str(args.config)]
-    command += ["--islands", str(len(ISLANDS)), "--out", str(out), "--faults", faults]
+    command += ["--islands", str(islands), "--out", str(out), "--faults", faults]
     command += ["--compare"] if compare else []
     command += [f"--{o}" for o in MODEL]
     command += [f"--fleet.budget=seconds:{args.round_s:g}", f"--fleet.rounds={rounds}"]
@@ -84,12 +84,12 @@ def storm_spec(mtbf: float, seed: int, minutes: float) -> str:
     return f"storm:mtbf={mtbf:g}s,seed={seed},duration={minutes * 60:g}s"
 
 
-def pick_seed(mtbf: float, minutes: float, first: int, warmup_s: float) -> int:
+def pick_seed(mtbf: float, minutes: float, first: int, warmup_s: float, islands=ISLANDS) -> int:
     """The first seed from `first` whose storm holds at least one crash and one hang, so that a
     short storm measures both, and strikes nothing in the first warmup_s seconds, which the
     islands spend starting up (the storm's clock starts with the supervisor)."""
     for seed in range(first, first + 1000):
-        faults = parse_faults(storm_spec(mtbf, seed, minutes), list(ISLANDS), restart_s=10.0)
+        faults = parse_faults(storm_spec(mtbf, seed, minutes), list(islands), restart_s=10.0)
         kinds = {f.kind for f in faults}
         if {"crash", "hang"} <= kinds and min(f.at_s for f in faults) >= warmup_s:
             return seed

@@ -6,7 +6,7 @@ tokenizer, the same init and the same inner schedule):
 1. DDP: 2 gloo ranks under torchrun, one thread each; the baseline for bytes and validation loss.
 2. fleets of 2 and 4 islands (one rank each), H inner steps per round, int4 pseudo-gradients:
    bytes sent across islands (from rounds.jsonl) and final validation loss.
-3. the 2-island fleet with `fleet.link=latency=50ms,bandwidth=100mbit` on every island against
+3. the 2-island fleet with a `link@island=X,latency=50ms,bandwidth=100mbit` fault on every island against
    the same fleet unshaped, and against an *estimate* of DDP on that link.
 4. heterogeneous: 2 islands on a time budget, island b 2x slower, against the sum of the islands'
    solo speeds.
@@ -44,7 +44,7 @@ from fleet_common import MODEL as FLEET_MODEL
 from ostinato.config import load_config
 from ostinato.data.sources import load_documents
 from ostinato.data.tokenizer import train_tokenizer
-from ostinato.fleet.link import parse_link
+from ostinato.fleet.link import Link
 from ostinato.model.llama import Llama
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +59,15 @@ def finished(run_dir: Path, islands: int = 0) -> bool:
     return REPORT_ONLY or (REUSE and all((d / "summary.json").exists() for d in dirs))
 
 
-SHAPED = "latency=50ms,bandwidth=100mbit"
+SHAPED = "latency=50ms,bandwidth=100mbit"  # the emulated link: a `link` fault on every island
+SHAPED_LINK = Link(latency_s=0.050, bits_per_s=100e6)  # the same, for the DDP estimate
+
+
+def shaped_links(islands: int) -> list[str]:
+    """`fleet local --for` items that put every island on the SHAPED link from the start."""
+    names = [chr(ord("a") + i) for i in range(islands)]
+    return [f"{n}:faults.schedule=link@island={n},{SHAPED}" for n in names]
+
 
 # only at the end: checkpoint stalls would blur the speeds
 MODEL = [*FLEET_MODEL, "checkpoint.every=0"]
@@ -215,7 +223,8 @@ def run_solos(out: Path, extra: list[str], slowdowns: list[float]) -> list[float
             continue
         command = [PYTHON, "-m", "ostinato", "train", "--config", str(RECIPE)]
         command += ["--out", str(run_dir), "--resume", "none"]
-        command += overrides([*extra, f"fleet.slowdown={slowdown}"])
+        slow = [f"faults.schedule=slow@island=a,factor={slowdown}"] if slowdown > 1 else []
+        command += overrides([*extra, *slow])
         log = run_dir.with_suffix(".log").open("w")
         procs.append((subprocess.Popen(command, stdout=log, stderr=log, cwd=ROOT), run_dir))
     speeds = []
@@ -238,7 +247,7 @@ def ddp_shaped_estimate(ddp: Run, grad_bytes: int, ranks: int = 2) -> float:
     way per rank. The real all-reduce time on loopback is already in the measured wall time, so this
     slightly overstates DDP's cost (by the loopback time, a few ms per step)."""
     per_rank = 2 * (ranks - 1) / ranks * grad_bytes
-    per_step = parse_link(SHAPED).seconds_for(int(per_rank), int(per_rank))
+    per_step = SHAPED_LINK.seconds_for(int(per_rank), int(per_rank))
     return ddp.tokens / (ddp.wall_s + ddp.steps * per_step)  # wall_s: compute spans, no start-up
 
 
@@ -323,7 +332,8 @@ def main() -> None:
         f"fleet 2, H={args.h}, shaped link",
         out / "shaped",
         2,
-        [*common, *fleet_options(args.h), f"fleet.link={SHAPED}"],
+        [*common, *fleet_options(args.h)],
+        shaped_links(2),
     )
     hetero, solos = run_hetero(out, common, args)
     print_runs([ddp, *fleets, shaped, hetero])
@@ -364,7 +374,7 @@ def run_hetero(out: Path, common: list[str], args: argparse.Namespace) -> tuple[
         out / "hetero",
         2,
         hetero_cfg,
-        ["b:fleet.slowdown=2"],
+        ["b:faults.schedule=slow@island=b,factor=2"],
     )
     solo_cfg = [*common, f"train.steps={args.solo_steps}"]
     return hetero, run_solos(out, solo_cfg, [1.0, 2.0])

@@ -121,10 +121,11 @@ def prepare_data(
     path = out / "tokenizer.json"
     tokenizer.save(str(path))
     torch.save({"validation": tokenize(tokenizer, documents.validation)}, out / "data.pt")
-    seeds = {
-        n: island_seed(load_config(RECIPE, [*MODEL, "fleet.coordinator=x:1", f"fleet.island={n}"]))
+    island_cfgs = {
+        n: load_config(RECIPE, [*MODEL, "fleet.coordinator=x:1", f"fleet.island={n}"])
         for n in names
     }
+    seeds = {n: island_seed(c.fleet, c.data.seed) for n, c in island_cfgs.items()}
     return overrides(args, path), seeds
 
 

@@ -21,7 +21,8 @@ import torch
 from ostinato.config import load_config
 from ostinato.model.llama import Llama
 from ostinato.train.metrics import read_metrics
-from ostinato.train.trainer import make_optimizer, train
+from ostinato.train.state import make_optimizer
+from ostinato.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 WARMUP = 10  # first steps of each run are not timed (allocator, caches)

@@ -138,14 +138,16 @@ class FleetConfig:
     timeout_s: float = option(20.0, "timeout of one cross-island collective", ge=0.5)
     heartbeat_s: float = option(0.5, "seconds between heartbeats", ge=0.05)
     heartbeat_timeout_s: float = option(5.0, "silence after which an island counts as gone", ge=0.2)
+    progress_timeout_s: float = option(
+        30.0,
+        "training without finishing an inner step for this long, while heartbeats go on, counts "
+        "an island as stalled (> heartbeat_timeout_s; longer than the slowest step)",
+        ge=0.5,
+    )
     connect_timeout_s: float = option(60.0, "how long to wait for the coordinator", ge=0.5)
     checkpoint_every: int = option(5, "rounds between durable fleet checkpoints (0: never)", ge=0)
     checkpoint_dir: str = option(
         "", "where fleet checkpoints go (default: next to the island's run)"
-    )
-    link: str = option("", "emulated link of this island: latency=50ms,bandwidth=100mbit,loss=0")
-    slowdown: float = option(
-        1.0, "emulate an island this many times slower (tests, benchmarks)", ge=1.0
     )
     fragments: int = option(
         1,
@@ -216,6 +218,16 @@ class FaultsConfig:
 
 
 @dataclass
+class ServeConfig:
+    """Bounds of `ostinato serve`'s HTTP API; the command's options of the same names default
+    from here. Not a section of training recipes: a server reads no recipe."""
+
+    max_body_bytes: int = option(
+        1 << 20, "largest request body accepted, in bytes; a larger one gets 413 unparsed", ge=1
+    )
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -257,6 +269,12 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             f"data.seq_len = {cfg.data.seq_len}: must be <= model.max_seq_len ({cfg.model.max_seq_len})"
         )
     _check_budget(cfg.fleet, errors)
+    if cfg.fleet.progress_timeout_s <= cfg.fleet.heartbeat_timeout_s:
+        errors.append(
+            f"fleet.progress_timeout_s = {cfg.fleet.progress_timeout_s}: must be > "
+            f"fleet.heartbeat_timeout_s ({cfg.fleet.heartbeat_timeout_s}), so a silent island is "
+            f"caught by its heartbeats, not taken for a stalled one"
+        )
     if cfg.guards.spike_warmup > cfg.guards.spike_window:
         errors.append(
             f"guards.spike_warmup = {cfg.guards.spike_warmup}: must be <= guards.spike_window "

@@ -18,7 +18,7 @@ from ostinato.checkpoint.store import committed_checkpoints, load_tensors
 from ostinato.config import load_config
 from ostinato.model.llama import Llama
 from ostinato.train.metrics import read_metrics
-from ostinato.train.trainer import make_optimizer
+from ostinato.train.state import make_optimizer
 from tests.conftest import TINY, cli_env, run_cli
 
 pytestmark = pytest.mark.timeout(300)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-WORD_TYPES = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # element size -> same-size integer
+from ostinato.train.guards import WORD_TYPES
 
 
 def flip_high_exponent_bit(tensor: torch.Tensor, generator: torch.Generator) -> int:

@@ -1,7 +1,8 @@
 """Fault schedules: `--faults` text parsed into validated faults, random storms expanded.
 
 A schedule is `;`-separated entries. A fault is `KIND@key=value,...`, for example
-`crash@island=b,step=40; hang@island=a,round=3; nan@step=70; slow@island=b,factor=3`; a storm is
+`crash@island=b,step=40; hang@island=a,round=3; stall@island=b,step=60; nan@step=70;
+slow@island=b,factor=3`; a storm is
 `storm:mtbf=30s,seed=7[,kinds=crash+hang+bitflip+nan][,duration=600s]` and expands, always the
 same way for a seed, into faults at wall-clock times. Every entry is checked here, before any
 process starts, so a typo never costs a run.
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-KINDS = ("crash", "hang", "nan", "bitflip", "slow", "link", "spike")
+KINDS = ("crash", "hang", "nan", "bitflip", "slow", "link", "spike", "stall")
 STORM_KINDS = ("crash", "hang", "bitflip", "nan")
 DEFAULT_STORM_KINDS = ("crash", "hang", "bitflip")
 DOWNING = ("crash", "hang")  # kinds that take an island down until it restarts
@@ -47,6 +48,7 @@ class _Rule:
 _RULES = {
     "crash": _Rule(("step", "round"), True, True),
     "hang": _Rule(("step", "round"), True, True),
+    "stall": _Rule(("step", "round"), True, True),
     "nan": _Rule(("step", "round"), False, True),
     "bitflip": _Rule(("step", "round"), False, True),
     "slow": _Rule(("step", "round", "factor"), True, False),

@@ -7,7 +7,6 @@ chaos` to match every injected fault with the guard that caught it.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import statistics
@@ -15,6 +14,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from ostinato.jsonl import append_jsonl, read_jsonl
 
 log = logging.getLogger("ostinato")
 GUARDS_FILE = "guards.jsonl"
@@ -85,12 +86,11 @@ class GuardLog:
         record = {"time": time.time(), "guard": guard, "island": island, "action": action}
         record.update(message=message, **extra)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_jsonl(self.path, record)
 
 
 def read_guard_log(out: Path) -> list[dict[str, Any]]:
     path = out / GUARDS_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path)  # a line torn by a kill, or still being written, is skipped

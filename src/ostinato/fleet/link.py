@@ -3,16 +3,15 @@
 The exchange runs on loopback at memory speed; afterwards the member sleeps for whatever the
 emulated link would have taken beyond the real time. Heartbeats do not pass through it, which is
 the point: a saturated bulk link must not make a healthy island look dead.
+
+Nothing in production shapes its own link: the `link` fault (faults/inject.py) hands a Link's
+`pad` to the member as its `pad_exchange`. Values are SI units: seconds, bits per second.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-
-from ostinato.faults.spec import parse_bandwidth, parse_duration
-
-KEYS = ("latency", "bandwidth", "loss")
 
 
 @dataclass(frozen=True)
@@ -33,23 +32,3 @@ class Link:
         remaining = self.seconds_for(bytes_out, bytes_in) - (time.perf_counter() - started)
         if remaining > 0:
             time.sleep(remaining)
-
-
-def parse_link(spec: str) -> Link:
-    """`latency=50ms,bandwidth=100mbit,loss=0`; empty means an unshaped link."""
-    values: dict[str, float] = {}
-    for item in filter(None, (part.strip() for part in spec.split(","))):
-        key, _, text = item.partition("=")
-        if key not in KEYS or not text:
-            raise ValueError(
-                f"fleet.link = {spec!r}: {item!r} is not KEY=VALUE with KEY one of {', '.join(KEYS)}"
-            )
-        if key == "latency":
-            values["latency_s"] = parse_duration(text)
-        elif key == "bandwidth":
-            values["bits_per_s"] = parse_bandwidth(text)
-        else:
-            values["loss"] = float(text)
-            if not 0 <= values["loss"] < 1:
-                raise ValueError(f"fleet.link = {spec!r}: loss must be in [0, 1)")
-    return Link(**values)

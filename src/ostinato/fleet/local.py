@@ -22,10 +22,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from ostinato.goodput import render_table, summarize
+from ostinato.errors import PERMANENT, UNREACHABLE
 from ostinato.fleet.guards import read_guard_log
+from ostinato.goodput import render_table, summarize
 
 console = Console(highlight=False)
+# The coordinator's guards that find an island alive but stuck, and what each found.
+HUNG_GUARDS = {"heartbeat": "silent", "progress": "not progressing"}
 
 
 def island_names(count: int, names: str | None) -> list[str]:
@@ -156,38 +159,40 @@ class LocalFleet:
             self.tick()
             for island in self.islands.values():
                 self._check(island)
-            if any(i.exits and i.exits[-1] == 2 for i in self.islands.values()):
-                # A refused island (bad config, or not the fleet's recipe) never will be admitted:
+            if any(i.exits and i.exits[-1] in PERMANENT for i in self.islands.values()):
+                # Bad input (2) or a refusal (3: not the fleet's recipe) fails again on a restart:
                 # the fleet asked for cannot run, so stop the others rather than let them wait.
-                console.print("[red]fleet: an island was refused; stopping the fleet[/]")
+                console.print("[red]fleet: an island was refused or given bad input; stopping[/]")
                 break
         self._drain(0.0)
-        failed = [i.name for i in self.islands.values() if not i.exits or i.exits[-1] != 0]
         goodput = summarize(self.out, f"fleet {self.out.name}")
         render_table(goodput, console)
         console.print(
             f"fleet goodput {goodput.goodput:.1%}; timeline in {self.out / 'timeline.png'}"
         )
-        return 1 if failed else 0
+        return fleet_exit_code([i.exits[-1] if i.exits else None for i in self.islands.values()])
 
     def tick(self) -> None:
-        """Once per supervision loop: kill islands the coordinator found hung."""
+        """Once per supervision loop: kill islands the coordinator found hung (no heartbeat) or
+        stalled (heartbeats whose step does not advance: the progress watchdog)."""
         guard_events = read_guard_log(self.out)
         for event in guard_events[self.guard_events_seen :]:
-            if event["guard"] == "heartbeat":
-                self._kill_if_hung(event["island"], event["time"] - event.get("silent_s", 0.0))
+            if event["guard"] in HUNG_GUARDS:
+                silent_since = event["time"] - event.get("silent_s", 0.0)
+                self._kill_if_hung(event["island"], silent_since, HUNG_GUARDS[event["guard"]])
         self.guard_events_seen = len(guard_events)
 
-    def _kill_if_hung(self, name: str, silent_since: float) -> None:
-        """A process alive but silent is hung (a stalled collective, a stopped chip): treat it
-        as a crash, as torchelastic's watchdog would. A process started after the silence
-        began is the restart of a crashed one, not the silent one."""
+    def _kill_if_hung(self, name: str, silent_since: float, how: str) -> None:
+        """A process alive but silent, or beating without progress, is hung (a stalled
+        collective or kernel, a stopped chip): treat it as a crash, as torchelastic's watchdog
+        would. A process started after the silence began is the restart of a crashed one, not
+        the silent one."""
         island = self.islands.get(name)
         if island is None or island.done or island.process.poll() is not None:
             return
         if island.started_at > silent_since:
             return
-        console.print(f"[yellow]fleet: island {name} is alive but silent; killing it[/]")
+        console.print(f"[yellow]fleet: island {name} is alive but {how}; killing it[/]")
         island.process.kill()
         self.note("killed", name)
 
@@ -200,8 +205,8 @@ class LocalFleet:
         code = island.process.returncode
         island.exits.append(code)
         self.note("exited", island.name, code=code)
-        if code == 0 or code == 2 or island.restarts >= self.max_restarts:
-            island.done = True  # finished, refused (exit 2), or out of restarts
+        if not should_restart(code, island.restarts, self.max_restarts):
+            island.done = True  # finished, refused or given bad input, or out of restarts
             return
         island.restarts += 1
         console.print(
@@ -237,8 +242,28 @@ class LocalFleet:
                 self.coordinator.kill()
 
 
+def should_restart(code: int, restarts: int, max_restarts: int) -> bool:
+    """Whether an island that exited with `code` is started again, as torchrun would: a death
+    by signal (negative code), a bug (1) or an unreachable peer (4) may pass on another try;
+    bad input (2) and a refusal by the fleet (3) would fail the same way again."""
+    return code != 0 and code not in PERMANENT and restarts < max_restarts
+
+
+def fleet_exit_code(last_exits: list[int | None]) -> int:
+    """The fleet's exit code from each island's last one (None: stopped by the supervisor):
+    0 when all finished; the permanent code (2 or 3) that stopped the fleet; 4 when every failed
+    island ran out of restarts on an unreachable peer; else 1."""
+    permanent = [code for code in last_exits if code in PERMANENT]
+    if permanent:
+        return permanent[0]
+    failed = [code for code in last_exits if code != 0]
+    if not failed:
+        return 0
+    return UNREACHABLE if all(code == UNREACHABLE for code in failed) else 1
+
+
 def parse_per_island(items: list[str], names: list[str]) -> dict[str, list[str]]:
-    """`--for b:fleet.slowdown=3` lines into {island: [override, ...]}."""
+    """`--for b:train.threads=1` lines into {island: [override, ...]}."""
     result: dict[str, list[str]] = {}
     for item in items:
         name, sep, override = item.partition(":")

@@ -1,7 +1,7 @@
 """Guards inside an island: turn a silent numerical failure into a visible, bounded one.
 
-Each guard is a pure check (non-finite values, a loss spike, ranks whose parameters differ) and a
-remedy (skip the step, roll back to the last good checkpoint and skip data, copy a healthy rank).
+Each guard is a check (non-finite values, a loss spike, ranks whose parameters differ); their
+remedies that move the whole rank state (roll back, skip data) are in train/remedies.py.
 """
 
 from __future__ import annotations
@@ -9,28 +9,19 @@ from __future__ import annotations
 import logging
 import math
 import statistics
-import time
 from collections import Counter, deque
 from collections.abc import Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ostinato.checkpoint.state import restore
-from ostinato.checkpoint.store import CheckpointWriter, latest_good
-from ostinato.config import Config, GuardsConfig
-from ostinato.faults.bitflip import WORD_TYPES
-from ostinato.hardware import Placement
-
-if TYPE_CHECKING:
-    from ostinato.train.trainer import Island
+from ostinato.config import GuardsConfig
 
 log = logging.getLogger("ostinato")
 MAD_TO_STD = 1.4826  # MAD times this estimates the standard deviation of normal noise
 Z_EPS = 1e-6  # keeps the z-score finite when the window's losses are all equal
+WORD_TYPES = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # element size -> same-size integer
 
 
 class NonFiniteGuard:
@@ -151,81 +142,3 @@ def copy_from_rank(model: nn.Module, optimizer: torch.optim.Optimizer, source: i
             moved = value.to(param.device)  # AdamW keeps `step` on the host; nccl needs a device
             dist.broadcast(moved, source)
             value.copy_(moved)
-
-
-def restore_guards(island: Island, meta: dict[str, Any]) -> None:
-    """Guard state as of a checkpoint; one saved before guards kept state starts them empty."""
-    island.spike_guard.load_state_dict(meta.get("guards", {}).get("spike", {"losses": []}))
-
-
-def roll_back(
-    cfg: Config,
-    island: Island,
-    writer: CheckpointWriter,
-    out: Path,
-    guard: str,
-    finding: str,
-    remedy: str = "",
-) -> None:
-    """Return the model, optimizer and guards to the last good checkpoint; the data moves on."""
-    detected = time.time()
-    if island.events is not None:
-        island.events.mark("detect", f"guard {guard}: {finding}", detected)
-    if island.member is not None:
-        # In a fleet the last good state is the round's global parameters: an older island
-        # checkpoint would turn the rounds since into a bogus pseudo-gradient.
-        island.member.outer.load_into(island.model)
-        log.warning(
-            "guard %s: %s; rolled back to the round's global parameters%s", guard, finding, remedy
-        )
-        if island.events is not None:
-            island.events.span("recovery", detected, time.time())
-        return
-    writer.wait()  # a save still in flight may be the newest good state
-    path = latest_good(out / "checkpoints")
-    if path is None:
-        log.warning("guard %s: %s; no checkpoint to roll back to%s", guard, finding, remedy)
-        return
-    tensors = island.checkpoint_tensors()
-    meta = restore(
-        path, {k: v for k, v in tensors.items() if k != "outer_optimizer"}, cfg.to_dict()
-    )
-    restore_guards(island, meta)
-    step = meta["train_state"]["step"]
-    log.warning("guard %s: %s; rolled back to step %d%s", guard, finding, step, remedy)
-    if island.events is not None:  # the work since that checkpoint is lost
-        island.events.span("discarded", island.saved_at, detected)
-        island.events.span("recovery", detected, time.time())
-    island.saved_at = time.time()
-
-
-def skip_spike(
-    cfg: Config,
-    island: Island,
-    writer: CheckpointWriter,
-    out: Path,
-    loss: float,
-    world_size: int,
-) -> None:
-    """The loss spiked: roll back, and move the data past the window that follows (as PaLM did
-    by hand), since the batches that caused a spike tend to come in runs."""
-    guard = island.spike_guard
-    finding = (
-        f"step {island.step} loss {loss:.4f} is {guard.last_z:.1f} robust z-scores above the "
-        f"median of the last {len(guard.losses)}"
-    )
-    skip = cfg.guards.spike_skip
-    island.stream.skip(skip * cfg.train.batch_size * cfg.train.grad_accum * world_size)
-    roll_back(cfg, island, writer, out, "spike", finding, f", skipping {skip} steps of data")
-
-
-def guard_digests(island: Island, place: Placement) -> None:
-    """Compare the ranks' parameter digests and repair any rank that holds other parameters."""
-    repaired = check_rank_digests(island.model, island.optimizer)
-    if not place.is_main:
-        return
-    for rank, source in repaired.items():
-        finding = f"rank {rank}'s parameters differ from the island's"
-        log.warning("guard digest: %s; repaired from rank %d", finding, source)
-        if island.events is not None:
-            island.events.mark("detect", f"guard digest: {finding}", time.time())

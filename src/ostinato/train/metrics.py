@@ -10,6 +10,8 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from ostinato.jsonl import append_jsonl, read_jsonl
+
 
 class MetricsLog:
     """Appends one object per step to metrics.jsonl; floats keep full precision (repr)."""
@@ -62,8 +64,7 @@ class EventLog:
         )
 
     def _write(self, event: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(event) + "\n")
+        append_jsonl(self.path, event)  # after a predecessor's torn line, on a line of its own
 
 
 def _complete_step(line: str) -> int | None:
@@ -82,7 +83,8 @@ def _tensorboard_writer(run_dir: Path):
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The step records of metrics.jsonl; a line torn by a kill is skipped (ostinato.jsonl)."""
+    return read_jsonl(path)
 
 
 class ProgressDisplay:

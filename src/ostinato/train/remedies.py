@@ -1,0 +1,90 @@
+"""What an island does when one of its guards (train/guards.py) fires: roll the rank state back
+to the last good one, skip the data after a spike, repair a rank whose parameters differ."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from ostinato.checkpoint.state import restore
+from ostinato.checkpoint.store import CheckpointWriter, latest_good
+from ostinato.config import Config
+from ostinato.hardware import Placement
+from ostinato.train.guards import check_rank_digests
+from ostinato.train.state import RankState
+
+log = logging.getLogger("ostinato")
+
+
+def roll_back(
+    cfg: Config,
+    state: RankState,
+    writer: CheckpointWriter,
+    out: Path,
+    guard: str,
+    finding: str,
+    remedy: str = "",
+) -> None:
+    """Return the model, optimizer and guards to the last good checkpoint; the data moves on."""
+    detected = time.time()
+    if state.events is not None:
+        state.events.mark("detect", f"guard {guard}: {finding}", detected)
+    if state.fleet is not None:
+        # In a fleet the last good state is the round's global parameters: an older island
+        # checkpoint would turn the rounds since into a bogus pseudo-gradient.
+        state.fleet.member.outer.load_into(state.model)
+        log.warning(
+            "guard %s: %s; rolled back to the round's global parameters%s", guard, finding, remedy
+        )
+        if state.events is not None:
+            state.events.span("recovery", detected, time.time())
+        return
+    writer.wait()  # a save still in flight may be the newest good state
+    path = latest_good(out / "checkpoints")
+    if path is None:
+        log.warning("guard %s: %s; no checkpoint to roll back to%s", guard, finding, remedy)
+        return
+    tensors = state.checkpoint_tensors()
+    meta = restore(
+        path, {k: v for k, v in tensors.items() if k != "outer_optimizer"}, cfg.to_dict()
+    )
+    state.restore_guards(meta)
+    step = meta["train_state"]["step"]
+    log.warning("guard %s: %s; rolled back to step %d%s", guard, finding, step, remedy)
+    if state.events is not None:  # the work since that checkpoint is lost
+        state.events.span("discarded", state.saved_at, detected)
+        state.events.span("recovery", detected, time.time())
+    state.saved_at = time.time()
+
+
+def skip_spike(
+    cfg: Config,
+    state: RankState,
+    writer: CheckpointWriter,
+    out: Path,
+    loss: float,
+    world_size: int,
+) -> None:
+    """The loss spiked: roll back, and move the data past the window that follows (as PaLM did
+    by hand), since the batches that caused a spike tend to come in runs."""
+    guard = state.spike_guard
+    finding = (
+        f"step {state.step} loss {loss:.4f} is {guard.last_z:.1f} robust z-scores above the "
+        f"median of the last {len(guard.losses)}"
+    )
+    skip = cfg.guards.spike_skip
+    state.stream.skip(skip * cfg.train.batch_size * cfg.train.grad_accum * world_size)
+    roll_back(cfg, state, writer, out, "spike", finding, f", skipping {skip} steps of data")
+
+
+def guard_digests(state: RankState, place: Placement) -> None:
+    """Compare the ranks' parameter digests and repair any rank that holds other parameters."""
+    repaired = check_rank_digests(state.model, state.optimizer)
+    if not place.is_main:
+        return
+    for rank, source in repaired.items():
+        finding = f"rank {rank}'s parameters differ from the island's"
+        log.warning("guard digest: %s; repaired from rank %d", finding, source)
+        if state.events is not None:
+            state.events.mark("detect", f"guard digest: {finding}", time.time())

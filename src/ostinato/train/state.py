@@ -1,0 +1,142 @@
+"""One rank's training state, and how it is built: tokenizer, data, model, optimizer, guards,
+the checkpoint it resumes from, and, in a fleet, the island's place in it."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tokenizers import Tokenizer
+from torch.nn.parallel import DistributedDataParallel
+
+from ostinato.checkpoint.state import init_optimizer_state, restore, tensor_state
+from ostinato.config import Config, TrainConfig
+from ostinato.data.sources import Documents, load_documents
+from ostinato.data.stream import TokenStream, tokenize
+from ostinato.data.tokenizer import check_vocab, load_tokenizer, train_tokenizer
+from ostinato.fleet.island import FleetIsland, fingerprint, island_seed
+from ostinato.fleet.member import FleetMember
+from ostinato.hardware import Placement
+from ostinato.model.llama import Llama
+from ostinato.train.guards import LossSpikeGuard, NonFiniteGuard
+from ostinato.train.metrics import EventLog
+
+log = logging.getLogger("ostinato")
+TOKENIZER_FILE = "tokenizer.json"
+
+
+@dataclass
+class RankState:
+    """Everything that changes during training, for one rank."""
+
+    model: Llama  # the bare model: checkpoints and evaluation use it
+    step_model: torch.nn.Module  # what the step runs: DDP and/or compiled
+    optimizer: torch.optim.Optimizer
+    stream: TokenStream
+    tokenizer: Tokenizer
+    documents: Documents
+    guard: NonFiniteGuard
+    spike_guard: LossSpikeGuard
+    step: int = 0
+    fleet: FleetIsland | None = None  # set when this rank's island is part of a fleet
+    events: EventLog | None = None  # the main rank's
+    saved_at: float = field(default_factory=time.time)  # when the newest good state was saved
+
+    def checkpoint_tensors(self) -> dict[str, Any]:
+        tensors = tensor_state(self.model, self.optimizer)
+        if self.fleet is not None:
+            tensors["outer_optimizer"] = self.fleet.tensor_state()
+        return tensors
+
+    def restore_guards(self, meta: dict[str, Any]) -> None:
+        """Guard state as of a checkpoint; one saved before guards kept state starts empty."""
+        self.spike_guard.load_state_dict(meta.get("guards", {}).get("spike", {"losses": []}))
+
+
+def build_state(
+    cfg: Config, out: Path, place: Placement, resume_from: Path | None, resume: str = "auto"
+) -> RankState:
+    """The rank's state, resumed from `resume_from` (or, in a fleet, from the fleet's own
+    checkpoint unless `resume` is none), joined to its fleet, wrapped for data parallelism."""
+    documents = load_documents(cfg.data)
+    tokenizer = prepare_tokenizer(cfg, documents, out, place, resume_from)
+    check_vocab(tokenizer, cfg.model.vocab_size, str(out / TOKENIZER_FILE))
+    stream = TokenStream(
+        tokenize(tokenizer, documents.train),
+        cfg.data.seq_len,
+        island_seed(cfg.fleet, cfg.data.seed),
+        place.rank,
+        place.world_size,
+    )
+    model = Llama(cfg.model)
+    model.init_weights(torch.Generator().manual_seed(cfg.train.seed))
+    model.to(place.device)
+    optimizer = make_optimizer(model, cfg.train)
+    init_optimizer_state(model, optimizer)
+    guards = NonFiniteGuard(cfg.guards), LossSpikeGuard(cfg.guards)
+    state = RankState(model, model, optimizer, stream, tokenizer, documents, *guards)
+    if cfg.fleet.coordinator:
+        prints = fingerprint(cfg.model, cfg.fleet, cfg.train.steps, tokenizer)
+        member = FleetMember(cfg.fleet, model, prints, cfg.guards)
+        sections = cfg.fleet, cfg.checkpoint, cfg.train.steps
+        state.fleet = FleetIsland(*sections, member, model, stream, place, out, cfg.to_dict())
+    if resume_from is not None:
+        resume_state(cfg, state, resume_from)
+    elif state.fleet is not None and resume != "none":
+        state.fleet.resume_from_fleet_checkpoint()
+    if state.fleet is not None and place.is_main:
+        state.fleet.join()
+    if state.fleet is not None and place.world_size > 1:
+        state.fleet.share_fleet_state()  # the leader may have been healed, or finished
+    if place.world_size > 1:
+        device_ids = [place.device.index] if place.is_accelerator else None
+        state.step_model = DistributedDataParallel(model, device_ids=device_ids)
+    if cfg.train.compile:
+        state.step_model = torch.compile(state.step_model)
+    return state
+
+
+def resume_state(cfg: Config, state: RankState, resume_from: Path) -> None:
+    """Parameters, optimizer, data position, step, guards and fleet round of a checkpoint."""
+    meta = restore(resume_from, state.checkpoint_tensors(), cfg.to_dict())
+    if meta.get("data"):
+        state.stream.load_state_dict(meta["data"])
+    state.step = meta["train_state"]["step"]
+    state.restore_guards(meta)
+    if state.fleet is not None and "fleet" in meta:
+        state.fleet.member.round_have = meta["fleet"]["round_have"]
+    log.info("resumed from %s at step %d", resume_from, state.step)
+
+
+def prepare_tokenizer(
+    cfg: Config, documents: Documents, out: Path, place: Placement, resume_from: Path | None
+) -> Tokenizer:
+    """The checkpoint's tokenizer on resume; else the configured one; else train one (rank 0)."""
+    target = out / TOKENIZER_FILE
+    source = resume_from / TOKENIZER_FILE if resume_from else Path(cfg.data.tokenizer or target)
+    if place.is_main:
+        if resume_from is None and not cfg.data.tokenizer:
+            log.info("training a byte-level BPE tokenizer (%d tokens)", cfg.model.vocab_size)
+            train_tokenizer(documents.train, cfg.model.vocab_size).save(str(target))
+        elif source.resolve() != target.resolve():
+            load_tokenizer(source)  # refuse a malformed file before copying it into the run
+            shutil.copyfile(source, target)
+    if dist.is_initialized():
+        dist.barrier()
+    return load_tokenizer(target)
+
+
+def make_optimizer(model: Llama, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; matrices decay, norms do not."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
