@@ -73,30 +73,49 @@ class Island:
         self.keys = wire.Keys(store, wire.namespace(self.token))
         self.public = wire.Keys(store, "public")
 
+    def post(self, data: str | bytes) -> None:
+        """Append to the public knock log; the check after it returns once the store has done
+        the append (one connection's requests are served in order), so the next tick sees it."""
+        self.public.view.append(wire.KNOCK, data)
+        self.public.view.check([wire.KNOCK])
+
+    def challenge(self, coordinator: Coordinator) -> tuple[str, str]:
+        """Knock and read the coordinator's challenge: (nonce, challenge)."""
+        nonce = secrets.token_hex(8)
+        hello = {"island": self.name, "nonce": nonce}
+        self.post(json.dumps(hello) + "\n")
+        coordinator.tick()
+        issued = self.public.get(f"challenge/{self.name}/{nonce}")
+        assert issued is not None, "the coordinator issued no challenge"
+        return nonce, issued["challenge"]
+
     def send_knock(
         self,
+        coordinator: Coordinator,
         round_have: int = 0,
         reconnect: bool = False,
         fingerprint: dict[str, Any] | None = None,
         mac_token: str | None = None,
     ) -> str:
-        self.nonce = nonce = secrets.token_hex(8)
-        knock = {
+        """Knock, then answer the challenge (as membership.knock does); returns the nonce."""
+        self.nonce, challenge = self.challenge(coordinator)
+        self.answer = answer = {
             "island": self.name,
-            "nonce": nonce,
-            "mac": wire.knock_mac(self.token if mac_token is None else mac_token, self.name, nonce),
+            "nonce": self.nonce,
+            "challenge": challenge,
             "fingerprint": FINGERPRINT if fingerprint is None else fingerprint,
             "round_have": round_have,
             "reconnect": reconnect,
         }
-        self.public.view.append(wire.KNOCK, json.dumps(knock) + "\n")
-        return nonce
+        answer["mac"] = wire.join_mac(self.token if mac_token is None else mac_token, answer)
+        self.post(json.dumps(answer) + "\n")
+        return self.nonce
 
     def reply(self, nonce: str | None = None) -> dict[str, Any] | None:
         return self.public.get(f"reply/{self.name}/{nonce or self.nonce}")
 
     def knock(self, coordinator: Coordinator, **kwargs: Any) -> dict[str, Any]:
-        nonce = self.send_knock(**kwargs)
+        nonce = self.send_knock(coordinator, **kwargs)
         coordinator.tick()
         reply = self.reply(nonce)
         assert reply is not None, "the coordinator did not answer a knock"
@@ -215,10 +234,12 @@ def test_wrong_token_is_refused_with_a_reason(make_coordinator):
     assert reply["ok"] is False
     assert "token" in reply["reason"]
     assert "x" not in coordinator.islands
-    # a knock with no mac at all is refused the same way
-    intruder.public.view.append(wire.KNOCK, json.dumps({"island": "y", "nonce": "n1"}) + "\n")
+    # an answer with no mac at all is refused the same way
+    nonce, challenge = Island(coordinator, "y").challenge(coordinator)
+    answer = {"island": "y", "nonce": nonce, "challenge": challenge}
+    intruder.post(json.dumps(answer) + "\n")
     coordinator.tick()
-    assert intruder.public.get("reply/y/n1")["ok"] is False
+    assert intruder.public.get(f"reply/y/{nonce}")["ok"] is False
     assert coordinator.islands == {}
 
 
@@ -275,7 +296,7 @@ def test_malformed_knocks_are_ignored(make_coordinator):
         "{",
         "",
     ):
-        poker.public.view.append(wire.KNOCK, line + "\n")
+        poker.post(line + "\n")
         coordinator.tick()
     assert coordinator.islands == {}
     reply = poker.knock(coordinator)
@@ -285,7 +306,7 @@ def test_malformed_knocks_are_ignored(make_coordinator):
 def test_invalid_utf8_on_the_knock_key_does_not_crash_the_coordinator(make_coordinator):
     coordinator = make_coordinator()
     poker = Island(coordinator, "a")
-    poker.public.view.append(wire.KNOCK, b"\xff\xfe not utf-8\n")
+    poker.post(b"\xff\xfe not utf-8\n")
     coordinator.tick()
     assert poker.knock(coordinator)["ok"] is True
 
@@ -294,17 +315,19 @@ def test_invalid_utf8_on_the_knock_key_does_not_crash_the_coordinator(make_coord
 def test_authenticated_malformed_knock_does_not_crash_the_coordinator(make_coordinator, field):
     coordinator = make_coordinator()
     poker = Island(coordinator, "a")
+    nonce, challenge = Island(coordinator, "z").challenge(coordinator)
     knock = {
         "island": "z",
-        "nonce": "n1",
-        "mac": wire.knock_mac(TOKEN, "z", "n1"),
+        "nonce": nonce,
+        "challenge": challenge,
         "fingerprint": FINGERPRINT,
         "round_have": 0,
         field: "two" if field == "round_have" else ["not", "an", "object"],
     }
-    poker.public.view.append(wire.KNOCK, json.dumps(knock) + "\n")
+    knock["mac"] = wire.join_mac(TOKEN, knock)
+    poker.post(json.dumps(knock) + "\n")
     coordinator.tick()
-    reply = poker.public.get("reply/z/n1")
+    reply = poker.public.get(f"reply/z/{nonce}")
     assert reply is None or reply["ok"] is False
     assert poker.knock(coordinator)["ok"] is True
 
@@ -325,7 +348,7 @@ def test_unterminated_junk_does_not_swallow_the_next_knock(make_coordinator):
     junk = Island(coordinator, "x")
     # the junk and the knock land between two ticks (a client appending junk in a loop makes
     # that the common case)
-    junk.public.view.append(wire.KNOCK, "garbage without a newline")
+    junk.post("garbage without a newline")
     thread = threading.Thread(target=knock, daemon=True)
     thread.start()
     while b"nonce" not in junk.public.view.get(wire.KNOCK):
@@ -512,7 +535,7 @@ def test_restart_never_tells_an_island_a_role_it_then_changes(make_coordinator):
     second = make_coordinator()
     a.connect(second)
     b.connect(second)
-    b_nonce = b.send_knock(round_have=0, reconnect=True)
+    b_nonce = b.send_knock(second, round_have=0, reconnect=True)
     second.tick()
     a.knock(second, round_have=1, reconnect=True)
     drive(second, [a, b], lambda: second._settled())

@@ -14,6 +14,8 @@ import torch
 
 KINDS = ("fp32", "bf16", "int8", "int4")
 QMAX = {"int8": 127, "int4": 7}
+TOKEN_COUNT_BYTES = 8  # the tokens a member trained on, weighting its pseudo-gradient
+MAC_BYTES = 32  # HMAC-SHA256 (fleet/wire.py seals every payload with one)
 
 
 @dataclass
@@ -47,6 +49,12 @@ def payload_size(numel: int, kind: str, block: int) -> int:
     padded = _blocks(numel, block) * block
     values = padded if kind == "int8" else padded // 2
     return values + 4 * _blocks(numel, block)
+
+
+def message_bytes(numel: int, kind: str, block: int) -> int:
+    """Bytes one member sends each peer in a round (an all-gather): the packed pseudo-gradient,
+    its token count (fp64) and the MAC that seals them (fleet/wire.py: HMAC-SHA256)."""
+    return payload_size(numel, kind, block) + TOKEN_COUNT_BYTES + MAC_BYTES
 
 
 def pack(x: torch.Tensor, kind: str, block: int = 128) -> Packed:

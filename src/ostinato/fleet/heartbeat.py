@@ -1,5 +1,8 @@
 """An island's heartbeats to the coordinator, on a connection and a thread of their own, so a
-link saturated by pseudo-gradients does not make a healthy island look dead."""
+link saturated by pseudo-gradients does not make a healthy island look dead.
+
+A heartbeat carries the island's status, its inner step among it: the coordinator's progress
+guard (fleet/membership.py) counts an island that beats but whose step stays put as stalled."""
 
 from __future__ import annotations
 
@@ -34,6 +37,11 @@ class Heartbeat(threading.Thread):
             if self._stopping.is_set():
                 return  # after one last beat, so the coordinator sees the island leave
             self._stopping.wait(self.cfg.heartbeat_s)
+
+    def progress(self, step: int, **status: Any) -> None:
+        """An inner step completed (with what else the status should say, e.g. tokens_per_s):
+        the island trains, and is at `step`."""
+        self.status.update(status, step=step, state="training")
 
     def stop(self) -> None:
         self._stopping.set()

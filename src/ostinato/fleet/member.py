@@ -10,13 +10,11 @@ fleet.fragments > 1 a round carries one fragment of the parameters (fleet/stream
 
 from __future__ import annotations
 
-import json
 import logging
-import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 import torch
@@ -25,19 +23,14 @@ from torch import nn
 
 from ostinato.config import FleetConfig, GuardsConfig, budget_of
 from ostinato.fleet import wire
-from ostinato.fleet.compress import ErrorFeedback, from_bytes, unpack
+from ostinato.fleet.compress import ErrorFeedback, from_bytes, message_bytes, unpack
 from ostinato.fleet.guards import pseudo_gradient_outliers
 from ostinato.fleet.heartbeat import Heartbeat
-from ostinato.fleet.link import parse_link
+from ostinato.fleet.joining import POLL_S, Joining, Refused  # noqa: F401 (Refused: public)
 from ostinato.fleet.outer import OuterState
 from ostinato.fleet.streaming import fragment_of
 
 log = logging.getLogger("ostinato")
-POLL_S = 0.005
-
-
-class Refused(ValueError):
-    """The coordinator would not take this island; the message says why."""
 
 
 @dataclass
@@ -53,7 +46,7 @@ class RoundOutcome:
     data: dict[str, Any] | None = None  # every member's data position, for the fleet checkpoint
 
 
-class FleetMember:
+class FleetMember(Joining):
     def __init__(
         self,
         cfg: FleetConfig,
@@ -68,7 +61,9 @@ class FleetMember:
         self.prefix = wire.namespace(self.token)
         self.outer = OuterState(model, cfg)
         self.feedback = ErrorFeedback(self.outer.numel, cfg.compression, cfg.block)
-        self.link = parse_link(cfg.link)
+        # Called after each exchange with (perf_counter at its start, bytes out, bytes in): the
+        # `link` fault sets it to sleep as a slower link would (fleet/link.py); by default nothing.
+        self.pad_exchange: Callable[[float, int, int], None] = lambda started, out, back: None
         self.budget_kind, budget = budget_of(cfg)
         self.budget = budget / cfg.fragments  # per round: a fragment's share of H (or T)
         self.total_rounds = int(fingerprint.get("rounds", 0))  # the final round syncs all
@@ -80,6 +75,9 @@ class FleetMember:
         # keeps the state its own checkpoint gave it.
         self.restore_state = lambda: self.round_have
         self.restored_nonce = self.carried_nonce = ""
+        self.status_read_at = 0.0  # when _forgotten last read the coordinator's status
+        self.refused_heal = 0  # the round of the last heal order whose payload failed its MAC
+        self.device: dist.ProcessGroupGloo.Device | None = None  # gloo's, for every group
         self.keys: wire.Keys | None = None
         self.heartbeat = Heartbeat(cfg, self.island, self.prefix)
 
@@ -87,134 +85,6 @@ class FleetMember:
     def active(self) -> bool:
         """False once the fleet has finished its run."""
         return self.role != "finished"
-
-    # --- joining ----------------------------------------------------------------------------
-
-    def start(self, model: nn.Module) -> None:
-        """Join the fleet; a joiner is healed by a donor before it trains."""
-        self._connect()
-        # Beats only once admitted: a restarted island's beats must not make its dead
-        # predecessor look alive (and so get itself refused as a second island of that name).
-        self._knock(reconnect=False)
-        self.heartbeat.start()
-        if self.role == "finished":
-            log.info("fleet: the fleet has already finished its run")
-        elif self.role == "joiner":
-            if self._heal():
-                self.role = "finished"  # healed at the fleet's last round: nothing left to train
-            self.outer.load_into(model)
-
-    def _connect(self) -> None:
-        store = wire.connect(self.cfg.coordinator, self.cfg.connect_timeout_s)
-        self.keys = wire.Keys(store, self.prefix)
-        self.public = wire.Keys(store, "public")
-
-    def _knock(self, reconnect: bool, retry: bool = True) -> None:
-        self.nonce = secrets.token_hex(8)
-        knock = {
-            "island": self.island,
-            "nonce": self.nonce,
-            "mac": wire.knock_mac(self.token, self.island, self.nonce),
-            "fingerprint": self.fingerprint,
-            "round_have": self.round_have,
-            "reconnect": reconnect,
-        }
-        # A leading newline ends whatever junk a stranger may have appended before us.
-        self.public.view.append(wire.KNOCK, "\n" + json.dumps(knock) + "\n")
-        reply = self._wait_for(
-            lambda: self.public.get(f"reply/{self.island}/{self.nonce}"), "a reply"
-        )
-        if reply.get("finished"):
-            self.role = "finished"
-            return
-        if not reply["ok"] and "already in the fleet" in reply["reason"] and retry:
-            # our own previous process, just killed, until its heartbeats are missed
-            return self._knock_again(reply)
-        if not reply["ok"]:
-            raise Refused(
-                f"the fleet coordinator refused island {self.island!r}: {reply['reason']}"
-            )
-        self.role = reply["role"]
-        log.info("fleet: joined as %s at round %d", self.role, reply["round"])
-
-    def _knock_again(self, reply: dict[str, Any]) -> None:
-        """Knock until the namesake counts as gone; refused if it is still alive by then."""
-        deadline = time.monotonic() + 2 * self.cfg.heartbeat_timeout_s + 1.0
-        while time.monotonic() < deadline:
-            time.sleep(self.cfg.heartbeat_s)
-            try:
-                return self._knock(reconnect=False, retry=False)
-            except Refused as exc:
-                if "already in the fleet" not in str(exc):
-                    raise
-        raise Refused(f"the fleet coordinator refused island {self.island!r}: {reply['reason']}")
-
-    def _wait_for(self, probe, what: str, timeout: float | None = None):
-        deadline = time.monotonic() + (timeout or self.cfg.connect_timeout_s)
-        while time.monotonic() < deadline:
-            value = probe()
-            if value is not None:
-                return value
-            time.sleep(POLL_S)
-        raise TimeoutError(f"fleet: no {what} from the coordinator within the timeout")
-
-    def _heal(self) -> bool:
-        """Receive the global parameters and outer state from the donor the coordinator names.
-        Returns whether the round it was healed at is the fleet's last."""
-        self.heartbeat.status["state"] = "recovering"
-
-        def new_order():
-            order = self.keys.get(f"heal/{self.island}/{self.nonce}")
-            if order and order["donor"] != self.island and order["round"] > self.round_have:
-                return order
-            restored = self.restored_nonce == self.nonce != self.carried_nonce
-            if order and order["donor"] == self.island and restored:
-                return order
-            restore = self.keys.get(f"restore/{self.island}/{self.nonce}")
-            return restore if restore and self.restored_nonce != self.nonce else None
-
-        order = self._wait_for(new_order, "donor", timeout=24 * 3600.0)
-        while "donor" not in order:  # no donor alive: restore durable state, report, wait again
-            self._restore()
-            order = self._wait_for(new_order, "donor", timeout=24 * 3600.0)
-        if order["donor"] == self.island:  # chosen to carry on from what it restored
-            self.round_have, self.role, self.carried_nonce = order["round"], "member", self.nonce
-            log.warning(
-                "fleet: carries the fleet on from restored state at round %d", order["round"]
-            )
-            return bool(order.get("final"))
-        group = self._group(f"healpg/{order['round']}/{self.island}", rank=1, size=2)
-        state = self.outer.as_tensor()
-        group.broadcast(state, 0).wait()
-        self.outer.load_tensor(state)
-        self.round_have, self.role = order["round"], "member"
-        log.info("fleet: healed from %s at round %d", order["donor"], self.round_have)
-        return bool(order.get("final"))
-
-    def _restore(self) -> None:
-        """Every member of the last committed round is gone, so nobody can heal this island: load
-        the fleet's latest durable state and tell the coordinator which round it is of."""
-        from_round = self.restore_state()
-        self.restored_nonce = self.nonce
-        self.keys.put(f"restored/{self.island}/{self.nonce}", {"from_round": from_round})
-        log.warning("fleet: no donor alive; restored the fleet state of round %d", from_round)
-
-    def _serve_heal(self, heal: dict[str, Any], round_number: int, final: bool) -> None:
-        order = {"round": round_number, "donor": self.island, "final": final}
-        self.keys.put(f"heal/{heal['island']}/{heal['nonce']}", order)
-        try:
-            group = self._group(f"healpg/{round_number}/{heal['island']}", rank=0, size=2)
-            group.broadcast(self.outer.as_tensor(), 0).wait()
-        except RuntimeError as exc:  # the joiner died: it will knock again
-            log.warning("fleet: healing %s failed (%s)", heal["island"], exc)
-
-    def _group(self, name: str, rank: int, size: int) -> dist.ProcessGroup:
-        # A store connection of its own: a client serves one request at a time, and a peer that
-        # died leaves gloo's rendezvous blocked on it, which must not block polling the
-        # coordinator (or the next attempt's rendezvous).
-        own = wire.connect(self.cfg.coordinator, self.cfg.connect_timeout_s)
-        store = dist.PrefixStore(f"{self.prefix}/{name}", own)
-        return dist.ProcessGroupGloo(store, rank, size, timedelta(seconds=self.cfg.timeout_s))
 
     # --- rounds -----------------------------------------------------------------------------
 
@@ -272,13 +142,12 @@ class FleetMember:
         while True:
             record = self.keys.get(f"round/{number}")
             order = self.keys.get(f"heal/{self.island}/{self.nonce}")
-            if order and order["round"] > self.round_have:  # the fleet moved on without us
+            if order and order["round"] > max(self.round_have, self.refused_heal):
                 log.warning("fleet: the coordinator found this island behind the fleet")
                 return self._rejoin(pseudo_gradient)
-            if (
-                record
-                and record.get("decision") == "commit"
-                and self.island not in record["members"]
+            without_us = record and self.island not in record["members"]
+            if (without_us and record.get("decision") == "commit") or self._forgotten(
+                record, number
             ):
                 log.warning("fleet: round %d committed without this island", number)
                 self._knock(reconnect=True)
@@ -294,26 +163,33 @@ class FleetMember:
                 tried = record["attempt"]
             time.sleep(POLL_S)
 
+    def _forgotten(self, record: dict[str, Any] | None, number: int) -> bool:
+        """Whether round `number` is committed and its keys deleted (coordinator.KEPT_ROUNDS):
+        this island, ready for it, was away too long. The status is read once a second."""
+        now = time.monotonic()
+        if record is not None or now - self.status_read_at < 1.0:
+            return False
+        self.status_read_at = now
+        return self.keys.get("status", {}).get("last_committed", 0) >= number
+
     def _attempt(self, pseudo_gradient, tokens, number, record) -> RoundOutcome | None:
         attempt, members = record["attempt"], record["members"]
         fragment = self.fragment(number)
         started = time.perf_counter()
         packed = self.feedback.compress(pseudo_gradient, self.outer.span(fragment)[0])
         count = torch.tensor([float(tokens)], dtype=torch.float64).view(torch.uint8)
-        mine = torch.cat([packed.to_bytes(), count])
+        context = ("pseudo-gradient", number, attempt)  # and the sender: bound to this attempt
+        mine = wire.seal(torch.cat([packed.to_bytes(), count]), self.token, *context, self.island)
+        assert mine.numel() == message_bytes(packed.numel, packed.kind, self.cfg.block)
         try:
             gathered = self._all_gather_unless_aborted(mine, number, attempt, members)
         except RuntimeError as exc:  # a peer died or stalled: report, then retry with survivors
             log.warning("fleet: round %d attempt %d failed: %s", number, attempt, str(exc)[:200])
             gathered = None
-        if gathered is None:
-            result = {"ok": False, "digest": None, "bytes_sent": 0, "tokens": tokens}
-        else:
-            averaged, excluded = self._average(gathered, members, fragment)
-            digest = self.outer.tentative_step(averaged, fragment)
-            sent = mine.numel() * (len(members) - 1)
-            result = {"ok": True, "digest": digest, "bytes_sent": sent, "tokens": tokens}
-            result["excluded"] = excluded
+        result = {"ok": False, "digest": None, "bytes_sent": 0, "tokens": tokens}
+        if gathered is not None:
+            result = self._step_on(gathered, members, context, fragment)
+            result.update(bytes_sent=mine.numel() * (len(members) - 1), tokens=tokens)
         exchange_s = time.perf_counter() - started
         self.keys.put(
             f"result/{number}/{attempt}/{self.island}", {**result, "exchange_s": exchange_s}
@@ -326,7 +202,7 @@ class FleetMember:
         if self.island not in decision["members"]:
             return self._quarantined(decision, number)
         self.outer.commit()
-        if self.island in result.get("excluded", []):
+        if self.island in result["excluded"] + result["refused"]:
             self.feedback.reset()  # this round's work was left out: do not carry its error
         else:
             self.feedback.commit()
@@ -344,6 +220,22 @@ class FleetMember:
             fragment=fragment,
             reload="fragment",
         )
+
+    def _step_on(self, gathered, members: list[str], context: tuple, fragment: int | None):
+        """The tentative outer step on the payloads whose MAC holds. A payload that fails it was
+        changed on its way: its sender is refused (left out, reported as its fault)."""
+        opened = [
+            wire.unseal(raw, self.token, *context, sender)
+            for raw, sender in zip(gathered, members, strict=True)
+        ]
+        refused = [m for m, payload in zip(members, opened, strict=True) if payload is None]
+        if refused:
+            log.warning("fleet: %s: refused the payload of %s (bad MAC)", context, refused)
+        kept = [m for m in members if m not in refused]
+        payloads = [payload for payload in opened if payload is not None]
+        averaged, excluded = self._average(payloads, kept, fragment)
+        digest = self.outer.tentative_step(averaged, fragment)
+        return {"ok": True, "digest": digest, "excluded": excluded, "refused": refused}
 
     def _decision(self, number: int, attempt: int) -> dict[str, Any] | None:
         record = self.keys.get(f"round/{number}")
@@ -384,7 +276,7 @@ class FleetMember:
         started = time.perf_counter()
         group.allgather([gathered], [mine]).wait()
         traffic = mine.numel() * (len(members) - 1)
-        self.link.pad(started, traffic, traffic)
+        self.pad_exchange(started, traffic, traffic)
         return gathered
 
     def _average(

@@ -1,0 +1,202 @@
+"""An island's way into the fleet, the member's half of membership (fleet/membership.py):
+joining by challenge-response, healing from a donor (the fleet state travels sealed with a MAC;
+one that fails it is refused, reported as the donor's fault, and healed again by another donor),
+restoring the fleet's durable state when no donor is left, and healing others as a donor.
+
+Every exchange group's gloo device listens on this machine's address towards the coordinator.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ostinato import errors
+from ostinato.config import FleetConfig
+from ostinato.fleet import wire
+from ostinato.fleet.heartbeat import Heartbeat
+from ostinato.fleet.membership import knock
+from ostinato.fleet.outer import OuterState
+
+log = logging.getLogger("ostinato")
+POLL_S = 0.005
+
+
+class Refused(errors.Refused):  # its own exit code (ostinato.errors)
+    """The coordinator would not take this island; the message says why."""
+
+
+class Joining:
+    """Mixed into FleetMember, which sets these up."""
+
+    cfg: FleetConfig
+    island: str
+    token: str
+    prefix: str
+    fingerprint: dict[str, Any]
+    outer: OuterState
+    heartbeat: Heartbeat
+    keys: wire.Keys | None
+    public: wire.Keys
+    role: str
+    nonce: str
+    round_have: int
+    restored_nonce: str
+    carried_nonce: str
+    refused_heal: int  # the round of the last heal order whose payload failed its MAC
+    device: dist.ProcessGroupGloo.Device | None  # gloo's, shared by every group
+
+    def start(self, model: nn.Module) -> None:
+        """Join the fleet; a joiner is healed by a donor before it trains."""
+        self._connect()
+        # Beats only once admitted: a restarted island's beats must not make its dead
+        # predecessor look alive (and so get itself refused as a second island of that name).
+        self._knock(reconnect=False)
+        self.heartbeat.start()
+        if self.role == "finished":
+            log.info("fleet: the fleet has already finished its run")
+        elif self.role == "joiner":
+            if self._heal():
+                self.role = "finished"  # healed at the fleet's last round: nothing left to train
+            self.outer.load_into(model)
+
+    def _connect(self) -> None:
+        store = wire.connect(self.cfg.coordinator, self.cfg.connect_timeout_s)
+        self.keys = wire.Keys(store, self.prefix)
+        self.public = wire.Keys(store, "public")
+
+    def _knock(self, reconnect: bool, retry: bool = True) -> None:
+        """Join by challenge-response (fleet/membership.py)."""
+        answer = {
+            "fingerprint": self.fingerprint,
+            "round_have": self.round_have,
+            "reconnect": reconnect,
+        }
+        for _ in range(3):  # a spent challenge: the coordinator restarted between two steps
+            self.nonce, reply = knock(self.public, self.token, self.island, answer, self._wait_for)
+            if not reply.get("retry"):
+                break
+        else:  # transient (exit 4): the supervisor restarts the island
+            raise wire.Unreachable(f"fleet: island {self.island!r}: {reply['reason']}")
+        if reply.get("finished"):
+            self.role = "finished"
+            return
+        if not reply["ok"] and "already in the fleet" in reply["reason"] and retry:
+            # our own previous process, just killed, until its heartbeats are missed
+            return self._knock_again(reply)
+        if not reply["ok"]:
+            raise Refused(
+                f"the fleet coordinator refused island {self.island!r}: {reply['reason']}"
+            )
+        self.role = reply["role"]
+        log.info("fleet: joined as %s at round %d", self.role, reply["round"])
+
+    def _knock_again(self, reply: dict[str, Any]) -> None:
+        """Knock until the namesake counts as gone; refused if it is still alive by then."""
+        deadline = time.monotonic() + 2 * self.cfg.heartbeat_timeout_s + 1.0
+        while time.monotonic() < deadline:
+            time.sleep(self.cfg.heartbeat_s)
+            try:
+                return self._knock(reconnect=False, retry=False)
+            except Refused as exc:
+                if "already in the fleet" not in str(exc):
+                    raise
+        raise Refused(f"the fleet coordinator refused island {self.island!r}: {reply['reason']}")
+
+    def _wait_for(self, probe, what: str, timeout: float | None = None):
+        deadline = time.monotonic() + (timeout or self.cfg.connect_timeout_s)
+        while time.monotonic() < deadline:
+            value = probe()
+            if value is not None:
+                return value
+            time.sleep(POLL_S)
+        # transient (exit 4): the supervisor restarts the island, which knocks again
+        raise wire.Unreachable(f"fleet: no {what} from the coordinator within the timeout")
+
+    def _heal(self) -> bool:
+        """Receive the global parameters and outer state from the donor the coordinator names.
+        Returns whether the round it was healed at is the fleet's last. A heal that fails its
+        MAC is reported (a fault of the donor) and waited for again, from another donor."""
+        self.heartbeat.status["state"] = "recovering"
+        while True:
+            order = self._wait_for(self._heal_order, "donor", timeout=24 * 3600.0)
+            if "donor" not in order:  # no donor alive: restore durable state, report, wait
+                self._restore()
+            elif order["donor"] == self.island:  # chosen to carry on from what it restored
+                self.round_have, self.role = order["round"], "member"
+                self.carried_nonce = self.nonce
+                log.warning(
+                    "fleet: carries the fleet on from restored state at round %d", order["round"]
+                )
+                return bool(order.get("final"))
+            elif self._take_heal(order):
+                return bool(order.get("final"))
+
+    def _heal_order(self) -> dict[str, Any] | None:
+        """A heal order not yet followed (or, with no donor left, an order to restore)."""
+        order = self.keys.get(f"heal/{self.island}/{self.nonce}")
+        newer = order and order["round"] > max(self.round_have, self.refused_heal)
+        if newer and order["donor"] != self.island:
+            return order
+        restored = self.restored_nonce == self.nonce != self.carried_nonce
+        if order and order["donor"] == self.island and restored:
+            return order
+        restore = self.keys.get(f"restore/{self.island}/{self.nonce}")
+        return restore if restore and self.restored_nonce != self.nonce else None
+
+    def _take_heal(self, order: dict[str, Any]) -> bool:
+        """Load the donor's fleet state if its MAC holds; else report the donor."""
+        sealed = self._receive_heal(order)
+        context = ("heal", order["round"], order["donor"], self.island, self.nonce)
+        state = wire.unseal(sealed, self.token, *context)
+        if state is None:
+            log.warning("fleet: the heal from %s failed its MAC; refused", order["donor"])
+            self.refused_heal = order["round"]
+            report = {"round": order["round"], "donor": order["donor"]}
+            self.keys.put(f"healbad/{self.island}/{self.nonce}", report)
+            return False
+        self.outer.load_tensor(state.view(torch.float32))
+        self.round_have, self.role = order["round"], "member"
+        log.info("fleet: healed from %s at round %d", order["donor"], self.round_have)
+        return True
+
+    def _receive_heal(self, order: dict[str, Any]) -> torch.Tensor:
+        """The donor's sealed fleet state, as it arrived."""
+        group = self._group(f"healpg/{order['round']}/{self.island}", rank=1, size=2)
+        sealed = torch.empty(self.outer.numel * 2 * 4 + wire.MAC_BYTES, dtype=torch.uint8)
+        group.broadcast(sealed, 0).wait()  # parameters and momentum, fp32, then the MAC
+        return sealed
+
+    def _restore(self) -> None:
+        """Every member of the last committed round is gone, so nobody can heal this island: load
+        the fleet's latest durable state and tell the coordinator which round it is of."""
+        from_round = self.restore_state()
+        self.restored_nonce = self.nonce
+        self.keys.put(f"restored/{self.island}/{self.nonce}", {"from_round": from_round})
+        log.warning("fleet: no donor alive; restored the fleet state of round %d", from_round)
+
+    def _serve_heal(self, heal: dict[str, Any], round_number: int, final: bool) -> None:
+        order = {"round": round_number, "donor": self.island, "final": final}
+        self.keys.put(f"heal/{heal['island']}/{heal['nonce']}", order)
+        context = ("heal", round_number, self.island, heal["island"], heal["nonce"])
+        sealed = wire.seal(self.outer.as_tensor().view(torch.uint8), self.token, *context)
+        try:
+            group = self._group(f"healpg/{round_number}/{heal['island']}", rank=0, size=2)
+            group.broadcast(sealed, 0).wait()
+        except RuntimeError as exc:  # the joiner died: it will knock again
+            log.warning("fleet: healing %s failed (%s)", heal["island"], exc)
+
+    def _group(self, name: str, rank: int, size: int) -> dist.ProcessGroup:
+        # A store connection of its own: a client serves one request at a time, and a peer that
+        # died leaves gloo's rendezvous blocked on it, which must not block polling the
+        # coordinator (or the next attempt's rendezvous).
+        own = wire.connect(self.cfg.coordinator, self.cfg.connect_timeout_s)
+        store = dist.PrefixStore(f"{self.prefix}/{name}", own)
+        if self.device is None:  # listens on this machine's address towards the coordinator
+            self.device = wire.gloo_device(self.cfg.coordinator)
+        return wire.gloo_group(store, rank, size, self.cfg.timeout_s, self.device)
