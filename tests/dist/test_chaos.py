@@ -2,14 +2,13 @@
 meant for it, the survivors end bit-identical, and a bad schedule is refused before any start."""
 
 import json
+import random
 
 import pytest
+from typer.testing import CliRunner
 
 from ostinato.checkpoint.reader import load_trained
 from ostinato.checkpoint.store import committed_checkpoints, verify
-
-from typer.testing import CliRunner
-
 from ostinato.cli import app
 from tests.conftest import TINY
 from tests.dist.fleet_helpers import FAST, Running, final_digests, ostinato, rounds
@@ -118,55 +117,97 @@ def test_a_bad_schedule_is_refused_before_anything_starts(tmp_path, faults, mess
     assert not (tmp_path / "chaos").exists()
 
 
+# Step budgets: every island trains H steps a round, whatever the machine's speed or load, so a
+# fault-free fleet is deterministic and runs as many tokens as the storm's recipe.
+STEP_BUDGET = [
+    "--fleet.budget=steps:5",
+    "--checkpoint.every=5",  # some kills land while a checkpoint is written
+    "--fleet.heartbeat_s=0.2",
+    "--fleet.timeout_s=5",
+    "--fleet.grace_s=1",
+    "--train.eval_problems=0",
+    "--train.samples=0",
+]
+
+
+def random_kills(seed: int, kills: int, rounds: int) -> str:
+    """SIGKILLs at random rounds: each island once in the first third of the run (it is up
+    then, so these always strike), the others at random islands before 60% of the run (they
+    strike if their island is back by then: a restart's length depends on the machine)."""
+    rng = random.Random(seed)
+    first = [(island, rng.randint(2, max(2, rounds // 3))) for island in rng.sample("abc", 3)]
+    later = range(max(2, rounds // 3), max(3, rounds * 6 // 10) + 1)
+    more = [(rng.choice("abc"), rng.choice(later)) for _ in range(kills - 3)]
+    return "; ".join(f"crash@island={island},round={r}" for island, r in first + more)
+
+
+def fault_free(out, names: str, rounds: int) -> Running:
+    """A fault-free fleet of the islands `names` on the same recipe. Every round, the first
+    too, waits for every island (expect and min_islands = all of them, however long a start
+    takes on a loaded machine), and a slow heartbeat does not count as a death (nor a slow step
+    as a stall), so its bits do not depend on timing."""
+    command = ostinato("fleet", "local", "--config", str(TINY), "--out", str(out))
+    recipe = [f"--fleet.rounds={rounds}", f"--train.steps={5 * rounds}", *STEP_BUDGET]
+    count = len(names.split(","))
+    extra = [f"--fleet.expect={count}", f"--fleet.min_islands={count}"]
+    extra += ["--fleet.connect_timeout_s=600", "--fleet.heartbeat_timeout_s=60"]
+    extra += ["--fleet.progress_timeout_s=120"]
+    return Running([*command, "--islands", str(count), "--names", names, *recipe, *extra])
+
+
+def val_loss(out, island: str) -> float:
+    return json.loads((out / island / "summary.json").read_text())["val_loss"]
+
+
 @pytest.mark.parametrize(
-    ("seconds", "seed", "rounds", "least_kills"),
+    ("seed", "kills", "rounds"),
     [
-        (40, 3, 40, 6),
-        pytest.param(
-            240, 1, 320, 30, marks=[pytest.mark.slow, pytest.mark.timeout(1500)], id="thirty-kills"
-        ),
+        # five fleets (two minutes of CPU); on a shared, loaded 2-core machine it has taken 7 minutes
+        pytest.param(3, 6, 16, marks=pytest.mark.timeout(900), id="six"),
+        pytest.param(1, 30, 80, marks=[pytest.mark.slow, pytest.mark.timeout(1500)], id="thirty"),
     ],
 )
-def test_random_kills_lose_no_checkpoint_and_land_near_the_fault_free_run(
-    tmp_path, seconds, seed, rounds, least_kills
+def test_random_kills_lose_no_checkpoint_and_land_between_the_fault_free_extremes(
+    tmp_path, seed, kills, rounds
 ):
-    """A storm of SIGKILLs, one every 5 s on average (some land mid-checkpoint: every 5 steps).
+    """SIGKILLs of random islands at random rounds (some mid-checkpoint: every 5 steps), on step
+    budgets: the storm trains the same tokens per island and round as the fault-free fleets.
 
-    The suite runs a 40 s storm (7 kills for its seed); `pytest -m slow` runs the issue's 30 (a
-    240 s storm of 32 kills: the storm leaves out kills that would break the quorum, so it takes
-    that long; plus the fault-free fleet).
-
-    Tolerance: within 10% of the fault-free fleet's validation loss, not bit-identical. A fleet
-    commits each round with the islands that reach it, so every kill changes which pseudo-
-    gradients are averaged (a killed island's round is left out, and it redoes the steps since
-    its last checkpoint on data the fault-free run saw once); only a lone island's resume is
-    bit-exact (tests/integration/test_resume.py).
+    The band, from what a missed round can change: on step budgets a storm run is deterministic
+    but for which rounds each island misses (a killed island restarts from its checkpoint and is
+    healed from a donor, so the fleet always commits every round with some of its islands).
+    Missing none is the fault-free 3-island fleet; missing the most leaves one island in every
+    round, a fault-free 1-island fleet. Every storm lies between those two extremes, whatever
+    the machine's speed decides about the rounds missed. The single island's loss differs with
+    its data stream, so the band is widened on both sides by the spread of the three 1-island
+    fleets (islands a, b and c: three data seeds of the same recipe).
     """
+    references = {"abc": fault_free(tmp_path / "abc", "a,b,c", rounds)}
+    references |= {n: fault_free(tmp_path / n, n, rounds) for n in "abc"}
     out = tmp_path / "chaos"
-    fleet = [
-        "--fleet.budget=seconds:0.5",
-        f"--fleet.rounds={rounds}",  # outlasts the storm, so every kill strikes
-        "--fleet.min_islands=1",
-        "--checkpoint.every=5",
-        "--fleet.heartbeat_s=0.2",
-        "--fleet.heartbeat_timeout_s=3",
-        "--fleet.timeout_s=5",
-        "--fleet.grace_s=1",
-        "--train.steps=400",
-        "--train.eval_problems=0",
-        "--train.samples=0",
-    ]
     command = ostinato("chaos", "--config", str(TINY), "--out", str(out), "--islands", "3")
-    storm = f"storm:mtbf=5s,seed={seed},kinds=crash,duration={seconds}s"
-    run = Running([*command, "--faults", storm, "--compare", *fleet])
-    assert run.wait(1200) == 0, run.output[-4000:]
+    recipe = [f"--fleet.rounds={rounds}", f"--train.steps={5 * rounds}", *STEP_BUDGET]
+    recipe += ["--fleet.min_islands=1", "--fleet.heartbeat_timeout_s=3"]
+    run = Running([*command, "--faults", random_kills(seed, kills, rounds), *recipe])
+    codes = {name: reference.wait(1200) for name, reference in references.items()}
+    code = run.wait(1200)
+    for name, reference in references.items():
+        assert codes[name] == 0, (name, reference.output[-4000:])
     report = json.loads((out / "chaos.json").read_text())
-    kills = [r for r in report["faults"] if r["kind"] == "crash" and r["injected_at"] is not None]
-    assert len(kills) >= least_kills, len(kills)
-    assert all(r["detected_at"] is not None for r in kills)
+    struck = [r for r in report["faults"] if r["kind"] == "crash" and r["injected_at"] is not None]
+    assert {r["island"] for r in struck} == set("abc") and len(struck) >= 3, report["faults"]
+    assert all(r["detected_at"] is not None for r in struck), report["faults"]
+    # chaos exits 1 for a kill that never found its island up before the end, and only then
+    missed = len(report["faults"]) - len(struck)
+    assert code == (1 if missed else 0) and report["fleet_exit_code"] == 0, run.output[-4000:]
+    assert len(report["faults"]) == kills
     for island in "abc":
         committed = committed_checkpoints(out / island / "checkpoints")
         assert committed and all(verify(path) is None for path in committed), island
     assert report["parameters_identical"] is True
-    loss, reference = report["final_loss"], report["reference_loss"]
-    assert abs(loss - reference) / reference < 0.10, (loss, reference)
+    full = val_loss(tmp_path / "abc", "a")
+    alone = [val_loss(tmp_path / n, n) for n in "abc"]
+    spread = max(alone) - min(alone)
+    assert full < min(alone), (full, alone)  # the extremes are apart: the band means something
+    loss = report["final_loss"]
+    assert full - spread <= loss <= max(alone) + spread, (loss, full, alone)

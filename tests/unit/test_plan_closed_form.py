@@ -4,13 +4,9 @@ import math
 
 import pytest
 
-from ostinato.plan.closed_form import (
-    daly_interval,
-    expected,
-    first_order_waste,
-    young_interval,
-)
+from ostinato.plan.closed_form import expected
 from ostinato.plan.costs import Costs, FaultKind, IslandCosts
+from ostinato.plan.intervals import daly_interval, first_order_waste, young_interval
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -5,6 +5,7 @@ import math
 
 import pytest
 
+from ostinato.fleet.compress import message_bytes
 from ostinato.plan.chips import load_profile
 from ostinato.plan.closed_form import expected
 from ostinato.plan.command import plan
@@ -45,10 +46,14 @@ def test_costs_of_mixed_islands_by_hand():
     # Failure rates: 8 chips at the profile's MTBF, or at the kind's own chip_mtbf_hours.
     assert fast.rate_per_s == pytest.approx(8 / h100.mtbf_chip_hours / 3600)
     assert slow.rate_per_s == pytest.approx(8 / 4000 / 3600)
-    # The int8 ring sends 2 * 3/4 * 1e9 bytes at the slowest link, 400 Gbit/s = 50 GB/s.
-    assert c.bytes_per_unit == pytest.approx(1.5e9)
-    assert c.exchange_s == pytest.approx(0.03)
-    assert c.unit_s == pytest.approx(10 * slow.step_s + 0.03)
+    # An all-gather, as the fleet sends: each island sends its int8 message (1e9 bytes, a 4-byte
+    # scale per 128 values, 8 bytes of tokens, a 32-byte MAC) to the 3 others, at the slowest
+    # link, 400 Gbit/s = 50 GB/s.
+    message = 10**9 + 4 * 10**9 // 128 + 8 + 32
+    assert message == message_bytes(10**9, "int8", 128)  # what fleet/member.py sends
+    assert c.bytes_per_unit == 3 * message
+    assert c.exchange_s == pytest.approx(3 * message / 50e9)
+    assert c.unit_s == pytest.approx(10 * slow.step_s + 3 * message / 50e9)
     # A donor copy of 8 bytes per parameter, at the slower of the island's and the donor's link.
     assert fast.restart_s == pytest.approx(100 + 8e9 / 100e9)
     assert slow.restart_s == pytest.approx(100 + 8e9 / 50e9)

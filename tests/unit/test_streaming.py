@@ -13,7 +13,7 @@ from ostinato.fleet.compress import ErrorFeedback, pack, payload_size, unpack
 from ostinato.fleet.member import FleetMember, RoundOutcome
 from ostinato.fleet.outer import OuterState, digest, flatten, unique_parameters
 from ostinato.fleet.streaming import fragment_cuts, fragment_of, send_in_background
-from tests.unit.test_fleet_math import tiny_llama, tokens_bytes
+from tests.unit.test_fleet_math import U32, tiny_llama, tokens_bytes
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -117,7 +117,9 @@ def test_bytes_per_exchange_shrink_with_the_fragments():
         outer = OuterState(model, fleet_cfg(fragments=fragments))
         sizes = [payload_size(outer.size(f), "int4", 128) for f in range(fragments)]
         assert max(sizes) <= 1.25 * whole / fragments
-        assert sum(sizes) == pytest.approx(whole, rel=1e-3)  # each parameter once per H steps
+        # each parameter once per H steps: the fragments' blocks are the whole's, plus at most
+        # one partial block per cut (64 bytes of 4-bit values and a 4-byte scale)
+        assert whole <= sum(sizes) <= whole + (fragments - 1) * (128 // 2 + 4)
 
 
 # --- one fragment is plain DiLoCo ---------------------------------------------------------------
@@ -260,8 +262,13 @@ def test_the_merge_keeps_mix_of_the_local_parameters():
     outer.merge_into(model, 1, 0.5)
     lo, hi = outer.span(1)
     merged = flatten(model)
-    expected = 0.5 * local[lo:hi] + 0.5 * outer.global_params[lo:hi]
-    torch.testing.assert_close(merged[lo:hi], expected, rtol=0, atol=1e-7)
+    # lerp with weight 0.5 computes g - 0.5 fl(g - l) (torch's formula for weights >= 0.5; the
+    # halving is exact): two fp32 roundings, <= U32 |g - l| / 2 and <= U32 |result|, so the
+    # result is the exact midpoint m within U32 (|g - l| / 2 + |m|), plus higher orders.
+    loc, g = local[lo:hi].double(), outer.global_params[lo:hi].double()
+    midpoint = (loc + g) / 2
+    bound = U32 * ((g - loc).abs() / 2 + midpoint.abs()) * (1 + 2 * U32)
+    assert torch.all((merged[lo:hi].double() - midpoint).abs() <= bound)
     assert torch.equal(merged[:lo], local[:lo])
     outer.merge_into(model, 1, 1.0)  # mix 1 keeps the local parameters
     assert torch.equal(flatten(model), merged)

@@ -53,17 +53,15 @@ class ChaosFleet(LocalFleet):
         super().__init__(*args, **kwargs)
         self.start = start
         self.strikes = [Strike(f) for f in faults if f.kind in FROM_OUTSIDE]
+        # One strike per process: a killed one can live on for a while (in a write it cannot
+        # leave, on a loaded machine), and a second fault sent to it could not be seen apart.
+        self.signalled: list[Any] = []
 
     def tick(self) -> None:
         super().tick()
-        # One strike per island a tick: a process just killed is not reaped yet, so a second
-        # fault due now would strike the same process, and no guard could see it apart.
-        struck: set[str] = set()
         for strike in self.strikes:
-            if strike.sent_at is None and strike.fault.island not in struck:
+            if strike.sent_at is None:
                 self._maybe_strike(strike)
-                if strike.sent_at is not None:
-                    struck.add(strike.fault.island)
 
     def struck(self) -> list[dict[str, Any]]:
         """The crashes and hangs sent, as chaos.json records them."""
@@ -82,6 +80,8 @@ class ChaosFleet(LocalFleet):
         island = self.islands.get(strike.fault.island)
         if island is None or not is_up(island, self.out / island.name):
             return
+        if any(island.process is process for process in self.signalled):
+            return
         step, round_number = last_progress(self.out / island.name)
         fault = strike.fault
         due = (
@@ -95,6 +95,7 @@ class ChaosFleet(LocalFleet):
             return
         sig = signal.SIGKILL if fault.kind == "crash" else signal.SIGSTOP
         os.kill(island.process.pid, sig)
+        self.signalled.append(island.process)
         strike.sent_at, strike.at_step, strike.at_round = time.time(), step, round_number
         self.note(f"{fault.kind} sent", island.name, step=step, round=round_number)
         mark_fault(self.out / island.name, island.name, fault.kind, strike.sent_at)

@@ -12,6 +12,7 @@ The fitted machine treats each island as one "chip" whose peak is the measured F
 from __future__ import annotations
 
 import json
+import logging
 import math
 import statistics
 import tomllib
@@ -24,10 +25,12 @@ from rich.table import Table
 
 from ostinato.config import FleetConfig, budget_of
 from ostinato.goodput import account, read_events, restarts
+from ostinato.jsonl import read_jsonl
 from ostinato.plan.closed_form import expected
 from ostinato.plan.costs import Costs, FaultKind, IslandCosts
 from ostinato.plan.errors import PlanError
 
+log = logging.getLogger("ostinato")
 METRIC_KEYS = ("step", "step_s", "compute_s", "checkpoint_stall_s", "recovery_s", "tokens")
 # Stands in for "no failure seen": a rate so low that the closed form predicts no failures.
 NO_FAILURE_RATE = 1e-12
@@ -154,9 +157,13 @@ def _read_goodput(root: Path) -> dict[str, float] | None:
         return None
     try:
         data = json.loads(path.read_text())
-        return {k: float(data[k]) for k in ("goodput", "island_s", "wall_s")}
+        recorded = {k: float(data[k]) for k in ("goodput", "island_s", "wall_s")}
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise PlanError(f"{path}: needs numbers goodput, island_s and wall_s ({exc})") from None
+    if recorded["island_s"] <= 0 or recorded["wall_s"] <= 0:
+        log.warning("%s records no time (its run logged no events): measuring from metrics", path)
+        return None
+    return recorded
 
 
 def _calibrate_fleet(root: Path, dirs: list[Path]) -> dict[str, Any]:
@@ -207,6 +214,7 @@ def _calibrate_fleet(root: Path, dirs: list[Path]) -> dict[str, Any]:
     out["fitted"].update(
         step_s=statistics.fmean(steps),
         round_exchange_s=exchange_s,
+        bytes_per_island=sent,  # each member's all-gather: (members - 1) messages
         link_bytes_per_s=sent / exchange_s if exchange_s else 0.0,
         round_period_s=period,
     )
@@ -375,22 +383,17 @@ def render_calibration(result: dict[str, Any], console: Console) -> None:
 
 
 def _read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict[str, Any]]:
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise PlanError(f"{path}:{n}: not JSON ({exc})") from None
+    """The file's records (a line torn by a kill is skipped: ostinato.jsonl), each checked."""
+    rows = read_jsonl(path)
+    for n, row in enumerate(rows, 1):
         missing = [k for k in required if k not in row]
         if missing:
             raise PlanError(
-                f"{path}:{n}: missing {', '.join(missing)}; each line needs {', '.join(required)}"
+                f"{path}, record {n}: missing {', '.join(missing)}; each line needs "
+                f"{', '.join(required)}"
             )
-        rows.append(row)
     if not rows:
-        raise PlanError(f"{path}: empty; nothing to calibrate on")
+        raise PlanError(f"{path}: no records; nothing to calibrate on")
     return rows
 
 

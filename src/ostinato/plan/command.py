@@ -13,6 +13,7 @@ from rich.markup import escape
 from ostinato.plan import report
 from ostinato.plan import scenario as sc
 from ostinato.plan.errors import PlanError
+from ostinato.plan.fitted import pop_fitted, without
 
 # Scale factors of the run drawn by --plot, relative to the scenario's chip count.
 PLOT_FACTORS = [2.0**k for k in range(-4, 5)]
@@ -34,7 +35,9 @@ def plan(
     Describe the run in a scenario TOML file (tables model, hardware, reliability, strategy and
     run), start from a shipped preset (llama3-405b, torchft-l40s, r2-on-ascend, mixed-h100-910c),
     or both, and change any field with --section.key=value overrides, e.g. --hardware.chips=4096
-    --strategy.kind=fleet. Three strategies are compared on the same chips: sync (data parallel
+    --strategy.kind=fleet. A preset that reproduces a publication sets some fields from the very
+    figures it is compared with; it names them in a [fitted] table, and the answer lists them
+    ("fitted" in --json, a note below the tables) until you set them yourself. Three strategies are compared on the same chips: sync (data parallel
     with checkpoint-restart), torchft (per-step fault tolerance) and fleet (ostinato's DiLoCo
     islands with H inner steps, compressed exchanges, and islands that rejoin from a donor).
 
@@ -74,6 +77,7 @@ def plan(
     if not isinstance(sweeps, dict):
         raise PlanError('[sweep]: must be a table of "section.key" = [values]')
     sweeps.update(dict(sc.parse_sweep(arg) for arg in sweep))
+    fitted = pop_fitted(raw, list(overrides))
     raw = sc.apply_overrides(
         raw, list(overrides) + _flag_overrides(deadline_hours, price_per_chip_hour)
     )
@@ -82,7 +86,7 @@ def plan(
         draw_plot(base, plot)
     if sweeps:
         rows = [
-            (_point(p), report.answer(sc.build(sc.apply_overrides(raw, p))))
+            (_point(p), _labelled(report.answer(sc.build(sc.apply_overrides(raw, p))), fitted, p))
             for p in sc.sweep_points(sweeps)
         ]
         _emit(
@@ -92,7 +96,7 @@ def plan(
             lambda: report.render_sweep(rows, console),
         )
         return 0
-    result = report.answer(base)
+    result = _labelled(report.answer(base), fitted, [])
     _emit(
         result,
         json_out,
@@ -109,6 +113,13 @@ def _flag_overrides(deadline_hours: Optional[float], price: Optional[float]) -> 
     if price is not None:
         flags.append(f"run.price_per_chip_hour={price!r}")
     return flags
+
+
+def _labelled(result: dict[str, Any], fitted: dict[str, str], point: list[str]) -> dict[str, Any]:
+    """The answer with the preset's fitted fields that this point does not set again: "fitted"
+    lists them (--json), "fitted_to" says what each was fitted to (the table view)."""
+    left = without(fitted, [o.partition("=")[0] for o in point])
+    return {**result, "fitted": sorted(left), "fitted_to": left}
 
 
 def _point(overrides: list[str]) -> dict[str, Any]:

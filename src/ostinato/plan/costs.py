@@ -11,9 +11,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from ostinato.fleet.compress import message_bytes
 from ostinato.plan.chips import Profile, load_profile
 from ostinato.plan.errors import PlanError
-from ostinato.plan.scenario import COMPRESSION_BITS, IslandSpec, Scenario
+from ostinato.plan.intervals import daly_interval
+from ostinato.plan.scenario import IslandSpec, Scenario
 
 # Mixed-precision AdamW holds bf16 weights and gradients (2 + 2 bytes), fp32 master weights (4)
 # and two fp32 moments (8) per parameter, sharded across the chips of an island.
@@ -135,8 +137,6 @@ class Costs:
 
 def derive(scenario: Scenario) -> Costs:
     """Unit costs of `scenario`; refuses a model whose training state does not fit an island."""
-    from ostinato.plan.closed_form import daly_interval  # closed_form imports Costs
-
     profiles = [
         load_profile(i.profile, scenario.field_name(n, "profile"))
         for n, i in enumerate(scenario.islands)
@@ -221,18 +221,21 @@ def _check_memory(scenario: Scenario, index: int, island: IslandSpec, prof: Prof
 
 
 def _exchange(scenario: Scenario, step_s: float) -> tuple[float, float]:
-    """Exposed seconds and bytes per island of one exchange, by a ring all-reduce over islands:
-    every island sends the same bytes, so the ring moves at its slowest link. `step_s` is the
-    slowest island's step, the earliest the all-reduce can end."""
+    """Exposed seconds and bytes each island sends in one exchange. A fleet all-gathers, as
+    fleet/member.py does: every member sends its sealed message (fleet/compress.py's
+    message_bytes, the size the fleet asserts before sending) to each of the n - 1 others, so
+    the round waits for (n - 1) messages at the slowest link. sync and torchft all-reduce bf16
+    gradients in a ring (2 (n - 1) / n of them per island), hidden behind the backward pass as
+    far as it goes; `step_s` is the slowest island's step, the earliest that can end."""
     n, params = scenario.island_count, scenario.model.params
     if n == 1:
         return 0.0, 0.0  # communication inside an island is already in the MFU
-    ring = 2 * (n - 1) / n
     link = min(_link(i) for i in scenario.islands)
     if scenario.strategy.kind == "fleet":
-        sent = ring * params * COMPRESSION_BITS[scenario.strategy.compression] / 8
+        st = scenario.strategy
+        sent = (n - 1) * message_bytes(math.ceil(params), st.compression, st.block)
         return sent / link, sent  # a round waits for its exchange to finish
-    sent = ring * params * GRAD_BYTES_PER_PARAM
+    sent = 2 * (n - 1) / n * params * GRAD_BYTES_PER_PARAM
     return max(0.0, sent / link - BACKWARD_SHARE * step_s), sent
 
 

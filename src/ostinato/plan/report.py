@@ -7,9 +7,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from ostinato.plan.closed_form import LOSSES, WORK, daly_interval, expected, young_interval
+from ostinato.plan.closed_form import LOSSES, WORK, expected
 from ostinato.plan.costs import Costs, derive
 from ostinato.plan.errors import PlanError
+from ostinato.plan.intervals import daly_interval, young_interval
 from ostinato.plan.scenario import Scenario, build
 from ostinato.plan.simulate import Simulation, best_interval, simulate
 
@@ -130,6 +131,15 @@ def render(result: dict[str, Any], console: Console, title: str = "plan") -> Non
     console.print(losses)
     if len(kinds) > 1:
         _render_kinds(kinds, console)
+    _render_fitted(result.get("fitted_to") or {}, console)
+
+
+def _render_fitted(fitted: dict[str, str], console: Console) -> None:
+    """The preset's fields fitted to its source: predicting those figures back is no test."""
+    if fitted:
+        console.print("fitted to the source's own figures (predicting those is in sample):")
+        for key, why in sorted(fitted.items()):
+            console.print(f"  {key}: {why}", highlight=False)
 
 
 def _render_kinds(kinds: list[dict[str, Any]], console: Console) -> None:
@@ -210,6 +220,10 @@ def render_sweep(rows: list[tuple[dict[str, Any], dict[str, Any]]], console: Con
             "-" if r["cost"] is None else f"{r['cost']:,.0f}",
         )
     console.print(table)
+    fitted = rows[0][1].get("fitted_to") or {}  # the fields no point of the sweep sets again
+    _render_fitted(
+        {k: v for k, v in fitted.items() if all(k in r["fitted"] for _, r in rows)}, console
+    )
 
 
 def scale_curve(scenario: Scenario, strategy: str, factors: list[float]) -> list[tuple[int, float]]:

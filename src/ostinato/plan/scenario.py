@@ -22,6 +22,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ostinato.config import FleetConfig
+from ostinato.fleet.compress import KINDS
 from ostinato.plan.chips import load_profile
 from ostinato.plan.errors import PlanError
 from ostinato.schema import apply_override, build_sections, option, parse_value, toml_value
@@ -30,9 +32,6 @@ STRATEGIES = ("sync", "torchft", "fleet")
 BUDGETS = ("steps", "time")
 # The [hardware] keys that [[islands]] replaces; giving both is refused.
 UNIFORM_KEYS = ("profile", "chips", "islands")
-# Bits per pseudo-gradient element on the wire; int8 and 4bit carry per-block scales, which add
-# under 1% at the block sizes ostinato uses, so they are left out.
-COMPRESSION_BITS = {"fp32": 32, "bf16": 16, "int8": 8, "4bit": 4}
 
 
 @dataclass
@@ -118,7 +117,10 @@ class StrategySpec:
         choices=BUDGETS,
     )
     compression: str = option(
-        "int8", "pseudo-gradient encoding (fleet)", choices=tuple(COMPRESSION_BITS)
+        "int8", "pseudo-gradient encoding (fleet), as fleet.compression", choices=KINDS
+    )
+    block: int = option(
+        FleetConfig.block, "values per quantization block (fleet), as fleet.block", ge=2
     )
 
 
@@ -193,12 +195,27 @@ def read_raw(path: str | None, preset: str | None) -> dict[str, Any]:
             raise PlanError(f"scenario file {path} does not exist")
         tables = _parse_toml(Path(path).read_text(), path)
         _replace_preset_hardware(raw, tables)
+        if isinstance(raw.get("fitted"), dict):  # the file's own figures are not the preset's fit
+            set_again = _fields_set(tables)
+            raw["fitted"] = {k: v for k, v in raw["fitted"].items() if k not in set_again}
         for section, table in tables.items():
             if isinstance(table, dict) and isinstance(raw.get(section), dict):
                 raw[section] = {**raw[section], **table}
             else:
                 raw[section] = table
     return raw
+
+
+def _fields_set(tables: dict[str, Any]) -> list[str]:
+    """The "section.key" fields a scenario file sets (its islands as islands.N.key)."""
+    keys = []
+    for section, table in tables.items():
+        if isinstance(table, dict):
+            keys += [f"{section}.{key}" for key in table]
+        elif section == "islands" and isinstance(table, list):
+            for n, island in enumerate(t for t in table if isinstance(t, dict)):
+                keys += [f"islands.{n}.{key}" for key in island]
+    return keys
 
 
 def _replace_preset_hardware(preset: dict[str, Any], file: dict[str, Any]) -> None:
@@ -271,7 +288,8 @@ def build(raw: dict[str, Any]) -> Scenario:
     strategy = raw.get("strategy")
     if isinstance(strategy, dict) and strategy.get("checkpoint_interval_s") == "optimal":
         raw = {**raw, "strategy": {**strategy, "checkpoint_interval_s": 0.0}}  # 0: Young/Daly
-    tables = {k: v for k, v in raw.items() if k != "islands"}
+    # [fitted] labels fields (plan/fitted.py checks it); it changes nothing in the scenario
+    tables = {k: v for k, v in raw.items() if k not in ("islands", "fitted")}
     scenario = Scenario(**build_sections(tables, SECTIONS, errors))
     if "islands" in raw:
         scenario.islands = _island_list(raw, errors)
@@ -342,6 +360,11 @@ def _cross_checks(s: Scenario) -> list[str]:
         errors.append(
             f"strategy.kind = {s.strategy.kind}: needs {where} >= 2, since a failed island "
             "recovers from a healthy one; with one island use kind = sync"
+        )
+    if s.strategy.compression == "int4" and s.strategy.block % 2:
+        errors.append(
+            f"strategy.block = {s.strategy.block}: must be even with int4 (4-bit values are "
+            "packed in pairs, as fleet.block)"
         )
     if s.model.batch_tokens > s.model.tokens:
         errors.append("model.batch_tokens: larger than model.tokens; the run is not one step")
