@@ -96,12 +96,20 @@ def agree(flag: bool, group: dist.ProcessGroup) -> bool:
 
 class RoundClock:
     """Inner steps, tokens and seconds since this island's round began; the steps of its last
-    round; and the round whose exchange is still in flight (fleet.overlap)."""
+    round; and the round whose exchange is still in flight (fleet.overlap).
+
+    A round begins when the last one ended (reset), and a process's first round at its first
+    inner step (begin): a time budget is inner work, so the seconds a process spends joining,
+    being healed or setting up do not count against it (they could leave a round one step)."""
 
     def __init__(self) -> None:
         self.in_flight: InFlight | None = None
-        self.steps, self.last_steps = 0, 0
-        self.reset()
+        self.steps, self.last_steps, self.tokens = 0, 0, 0
+        self.started: float | None = None  # not yet: begin() at the process's first step
+
+    def begin(self) -> None:
+        if self.started is None:
+            self.started = time.perf_counter()
 
     def reset(self) -> None:
         self.last_steps = self.steps or self.last_steps
@@ -112,7 +120,7 @@ class RoundClock:
         self.tokens += tokens
 
     def seconds(self) -> float:
-        return time.perf_counter() - self.started
+        return 0.0 if self.started is None else time.perf_counter() - self.started
 
 
 class Timeline(Protocol):
@@ -240,6 +248,7 @@ class FleetIsland:
         here on the progress guard counts the time without a new step (it ignores the time spent
         starting, healing or syncing, whose beats say so), so a step that never ends is seen
         even when it is the first after a round or a restart."""
+        self.clock.begin()
         self.member.heartbeat.progress(step)
 
     def stepped(self, step: int, tokens: int, tokens_per_s: float) -> None:
