@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 from ostinato.checkpoint.reader import load_trained
-from ostinato.fleet.outer import digest, flatten
 from ostinato.fleet import wire
+from ostinato.fleet.outer import digest, flatten
 from ostinato.train.metrics import read_metrics
 from tests.conftest import TINY, cli_env
 
@@ -96,27 +96,38 @@ def wait_until(predicate, timeout: float = 120, what: str = "condition") -> None
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def island_pids(name: str) -> list[int]:
-    found = subprocess.run(["pgrep", "-f", f"fleet.island={name}"], capture_output=True, text=True)
-    return [int(p) for p in found.stdout.split()]
+def island_pids(out: Path, name: str) -> list[int]:
+    """The processes of island `name` of the fleet whose run directory is `out`, and of no other:
+    tests run in parallel, with islands of the same names (and pytest's tmp_path makes `out`
+    this test's own). An island's command line names its run directory, `--out OUT/NAME`."""
+    island, run_dir = f"--fleet.island={name}".encode(), str(out / name).encode()
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue  # gone meanwhile
+        if island in argv and (b"--out", run_dir) in zip(argv, argv[1:], strict=False):
+            found.append(int(cmdline.parent.name))
+    return sorted(found)
 
 
-def island_pid(name: str) -> int:
-    pids = island_pids(name)
-    assert pids, f"no process for island {name}"
+def island_pid(out: Path, name: str) -> int:
+    pids = island_pids(out, name)
+    assert len(pids) == 1, f"island {name} of {out}: processes {pids}"
     return pids[0]
 
 
-def rank_pid(name: str, rank: int) -> int:
+def rank_pid(out: Path, name: str, rank: int) -> int:
     """The process of one rank of a torchrun island (its RANK in the environment)."""
-    for pid in island_pids(name):
+    for pid in island_pids(out, name):
         try:
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
             continue  # gone meanwhile
         if f"RANK={rank}".encode() in environ:
             return pid
-    raise AssertionError(f"no rank {rank} of island {name}")
+    raise AssertionError(f"no rank {rank} of island {name} of {out}")
 
 
 def torchrun(nproc: int, *args: str) -> list[str]:

@@ -15,8 +15,10 @@ from tests.dist.fleet_helpers import (
     final_digests,
     fleet_local,
     free_port,
+    island_pid,
     kill,
     ostinato,
+    rank_pid,
     rounds,
     status,
     torchrun,
@@ -34,40 +36,6 @@ def slow(*names: str, factor: int = 3) -> list[str]:
         for name in names
         for f in ("--for", f"{name}:faults.schedule=slow@island={name},factor={factor}")
     ]
-
-
-def island_pids(out: Path, name: str) -> list[int]:
-    """The processes of island `name` of the fleet whose run directory is `out`, and of no other:
-    tests run in parallel, with islands of the same names (and pytest's tmp_path makes `out`
-    this test's own). An island's command line names its run directory, `--out OUT/NAME`."""
-    island, run_dir = f"--fleet.island={name}".encode(), str(out / name).encode()
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            argv = cmdline.read_bytes().split(b"\0")
-        except OSError:
-            continue  # gone meanwhile
-        if island in argv and (b"--out", run_dir) in zip(argv, argv[1:], strict=False):
-            found.append(int(cmdline.parent.name))
-    return sorted(found)
-
-
-def island_pid(out: Path, name: str) -> int:
-    pids = island_pids(out, name)
-    assert len(pids) == 1, f"island {name} of {out}: processes {pids}"
-    return pids[0]
-
-
-def rank_pid(out: Path, name: str, rank: int) -> int:
-    """The process of one rank of a torchrun island (its RANK in the environment)."""
-    for pid in island_pids(out, name):
-        try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue  # gone meanwhile
-        if f"RANK={rank}".encode() in environ:
-            return pid
-    raise AssertionError(f"no rank {rank} of island {name} of {out}")
 
 
 def test_an_island_killed_mid_exchange_recovers_from_a_donor(tmp_path):
