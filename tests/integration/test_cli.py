@@ -1,7 +1,6 @@
 """The CLI as a user meets it: help, doctor, and one-line errors with one exit code per kind."""
 
 import json
-import shutil
 import socket
 import subprocess
 import sys
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TINY, cli_env, run_cli
+from tests.integration.test_bad_files import damaged
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -182,17 +182,6 @@ def export_dir(tmp_path_factory) -> Path:
     return out
 
 
-def broken_copy(export_dir: Path, tmp_path: Path, file: str, text: str | None) -> Path:
-    """A copy of the export with `file` replaced by `text` (None: removed)."""
-    copy = tmp_path / "broken"
-    shutil.copytree(export_dir, copy)
-    if text is None:
-        (copy / file).unlink()
-    else:
-        (copy / file).write_text(text)
-    return copy
-
-
 def without(config_json: Path, key: str) -> str:
     config = json.loads(config_json.read_text())
     del config[key]
@@ -211,14 +200,14 @@ def without(config_json: Path, key: str) -> str:
 def test_serve_a_broken_export_is_one_line(export_dir, tmp_path, file, text, words):
     if text == "hidden_size":
         text = without(export_dir / "config.json", "hidden_size")
-    broken = broken_copy(export_dir, tmp_path, file, text)
+    broken = damaged(export_dir, tmp_path, file, text)
     done = run_cli("serve", str(broken), "--port", "0", "--device", "cpu", timeout=60)
     last_line_error(done, 2, *words)
 
 
 def test_import_an_incomplete_config_is_one_line(export_dir, tmp_path):
     text = without(export_dir / "config.json", "num_attention_heads")
-    broken = broken_copy(export_dir, tmp_path, "config.json", text)
+    broken = damaged(export_dir, tmp_path, "config.json", text)
     done = run_cli("import", str(broken), "--out", str(tmp_path / "run"))
     last_line_error(done, 2, "config.json", "num_attention_heads")
 
