@@ -43,7 +43,7 @@ demo: $(VENV)/.base
 test: $(VENV)/.dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check --fix .

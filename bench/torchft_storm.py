@@ -2,18 +2,19 @@
 
 The setup of bench/torchft_vs_fleet.py (same model, data streams, inner AdamW, H inner steps per
 round, fp32 pseudo-gradients, Nesterov outer SGD, matched failure detection), with three replicas
-(a, b, c) instead of two and a random storm of crashes instead of one kill: the schedule is
-`storm:mtbf=M,seed=S,kinds=crash` expanded by ostinato's own parser (never more replicas down
-than leave one up), applied by this script from the moment every replica has trained its first
-step: SIGKILL the replica's process, start it again at once, as a supervisor would. Each side
-also runs the same rounds without faults.
+(a, b, c) instead of two and a storm of crashes instead of one kill. The storm is a schedule in
+rounds, drawn from --seed: --kills SIGKILLs, each at a random replica once the side has committed
+a given round (every third round at most, never in the first or the last fifth), so both sides
+are struck the same number of times at the same points of the run, however fast each is. The
+script sends them (SIGKILL the replica's process, start it again at once, as a supervisor would).
+Each side also runs the same rounds without faults. All of it is repeated for each of --seeds.
 
-Printed per side: wall time to commit all rounds (storm and fault-free), their ratio (the fleet's
-goodput under the storm: fault-free time over storm time), the share of replica-seconds spent
-on inner steps whose work reached a committed round (storm and fault-free), inner steps
-discarded, and the final validation loss of the global parameters against the fault-free run.
+Printed per side and seed: wall time to commit all rounds (storm and fault-free), their ratio (the
+fleet's goodput under the storm: fault-free time over storm time), the share of replica-seconds
+spent on inner steps whose work reached a committed round, inner steps discarded, and the final
+validation loss; then the median and the range over the seeds of each.
 
-    .venv/bin/python bench/torchft_storm.py [--rounds 60] [--mtbf 20] [--seed 3]
+    .venv/bin/python bench/torchft_storm.py [--rounds 40] [--kills 8] [--seeds 1 2 3]
         [--venv /tmp/torchft-venv --make-venv] [--out DIR]
 """
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -49,8 +51,6 @@ from torchft_vs_fleet import (
     torchft_steps,
     venv_python,
 )
-
-from ostinato.faults.spec import parse_faults
 
 NAMES = ("a", "b", "c")
 WORKER = Path(__file__).with_name("torchft_vs_fleet.py")
@@ -81,25 +81,31 @@ class Replicas:
         return all(p.poll() is not None for p in self.procs.values())
 
 
-def first_steps_logged(paths: list[Path]) -> bool:
-    return all(any("step" in r or r.get("kind") == "compute" for r in read_jsonl(p)) for p in paths)
+def round_storm(seed: int, kills: int, rounds: int) -> list[tuple[str, int]]:
+    """(replica, round) for each kill: at distinct rounds at least 3 apart, between the first and
+    the last fifth of the run, each at a random replica."""
+    rng = random.Random(seed)
+    slots = list(range(max(2, rounds // 5), max(3, rounds * 4 // 5), 3))
+    chosen = sorted(rng.sample(slots, min(kills, len(slots))))
+    return [(rng.choice(NAMES), number) for number in chosen]
 
 
-def drive(replicas: Replicas, step_logs: list[Path], storm: list, tick, timeout: float) -> float:
-    """Wait for every replica's first step, then strike the storm; returns when the storm's
-    clock started. After the first replica finishes the run, the others get 15 s to finish with
-    it (a replica restarted too late would train a run of its own) and are then stopped."""
+def drive(replicas: Replicas, progress, storm: list, tick, timeout: float) -> float:
+    """Wait for every replica's first step, then strike each kill of the storm once the side has
+    committed its round (`progress()`: rounds committed); returns when the storm began. After the
+    first replica finishes the run, the others get 15 s to finish with it (a replica restarted
+    too late would train a run of its own) and are then stopped."""
     deadline = time.monotonic() + timeout
-    while not first_steps_logged(step_logs):
+    while progress() is None:
         tick()
         if time.monotonic() > deadline or replicas.all_done():
-            raise SystemExit(f"the replicas never all trained a step; see {step_logs[0].parent}")
+            raise SystemExit("the replicas never all trained a step")
         time.sleep(0.05)
     began, pending = time.time(), list(storm)
     while not replicas.any_finished():
         tick()
-        if pending and time.time() - began >= pending[0].at_s:
-            replicas.crash(pending.pop(0).island)
+        if pending and (progress() or 0) >= pending[0][1]:
+            replicas.crash(pending.pop(0)[0])
         if time.monotonic() > deadline:
             raise SystemExit("the run did not finish in time")
         time.sleep(0.02)
@@ -109,6 +115,32 @@ def drive(replicas: Replicas, step_logs: list[Path], storm: list, tick, timeout:
         time.sleep(0.1)
     finish(list(replicas.procs.values()), timeout=1)
     return began
+
+
+def ostinato_progress(out: Path):
+    """Rounds the fleet committed, once every island has trained a step (None before)."""
+
+    def progress() -> int | None:
+        if not all(
+            any(r.get("kind") == "compute" for r in read_jsonl(out / n / "events.jsonl"))
+            for n in NAMES
+        ):
+            return None
+        return len(read_jsonl(out / "rounds.jsonl"))
+
+    return progress
+
+
+def torchft_progress(out: Path):
+    """Syncs committed by the replica furthest on, once every replica has trained a step."""
+
+    def progress() -> int | None:
+        logs = [read_jsonl(out / f"{n}.steps.jsonl") for n in NAMES]
+        if not all(any("step" in r for r in rows) for rows in logs):
+            return None
+        return max(sum(1 for r in rows if r.get("committed")) for rows in logs)
+
+    return progress
 
 
 def run_ostinato(out: Path, cfg: list[str], storm: list, args) -> Side:
@@ -124,8 +156,7 @@ def run_ostinato(out: Path, cfg: list[str], storm: list, args) -> Side:
 
     replicas = Replicas(island)
     copier = CheckpointCopier(out / "fleet" / "checkpoints", out / "globals")
-    logs = [out / n / "events.jsonl" for n in NAMES]
-    began = drive(replicas, logs, storm, copier.poll, timeout=args.rounds * 60)
+    began = drive(replicas, ostinato_progress(out), storm, copier.poll, args.rounds * 60)
     copier.poll()
     coordinator.terminate()
     finish([coordinator], timeout=10)
@@ -149,8 +180,7 @@ def run_torchft(out: Path, cfg: list[str], seeds: dict, storm: list, args) -> Si
         )
 
     replicas = Replicas(worker)
-    logs = [out / f"{n}.steps.jsonl" for n in NAMES]
-    began = drive(replicas, logs, storm, lambda: None, timeout=args.rounds * 60)
+    began = drive(replicas, torchft_progress(out), storm, lambda: None, args.rounds * 60)
     lighthouse.terminate()
     finish([lighthouse], timeout=10)
     side = Side("torchft", torchft_steps(out, NAMES), began, began)
@@ -179,49 +209,81 @@ def summary(side: Side) -> dict:
     }
 
 
+ROWS = [  # label, run ("clean" or "storm"; None: the storm over the clean run), key, format
+    ("kills", "storm", "kills", "d"),
+    ("wall s, fault-free", "clean", "wall_s", ".1f"),
+    ("wall s, storm", "storm", "wall_s", ".1f"),
+    ("fleet goodput (fault-free wall / storm wall)", None, "ratio", ".1%"),
+    ("replica time on kept steps, fault-free", "clean", "kept_share", ".1%"),
+    ("replica time on kept steps, storm", "storm", "kept_share", ".1%"),
+    ("inner steps discarded, storm", "storm", "discarded", "d"),
+    ("median inner step s, fault-free", "clean", "step_s", ".3f"),
+    ("median inner step s, storm", "storm", "step_s", ".3f"),
+    ("final val loss, fault-free", "clean", "final_loss", ".4f"),
+    ("final val loss, storm", "storm", "final_loss", ".4f"),
+    ("final loss storm / fault-free", None, "loss_ratio", ".4f"),
+]
+
+
+def value_of(got: dict, run: str | None, key: str) -> float | None:
+    if run is not None:
+        return got.get(run, {}).get(key)
+    clean, storm = got.get("clean", {}), got.get("storm", {})
+    field = "wall_s" if key == "ratio" else "final_loss"
+    a, b = clean.get(field), storm.get(field)
+    if not a or not b:
+        return None
+    return a / b if key == "ratio" else b / a
+
+
 def fmt(value, spec: str = ".2f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def print_table(results: dict[str, dict[str, dict]]) -> None:
-    print("\n| measure | ostinato | torchft |")
-    print("| --- | ---: | ---: |")
-    rows = [
-        ("kills", "storm", "kills", "d"),
-        ("wall s, fault-free", "clean", "wall_s", ".1f"),
-        ("wall s, storm", "storm", "wall_s", ".1f"),
-        ("fleet goodput (fault-free wall / storm wall)", None, "ratio", ".1%"),
-        ("replica time on kept steps, fault-free", "clean", "kept_share", ".1%"),
-        ("replica time on kept steps, storm", "storm", "kept_share", ".1%"),
-        ("inner steps discarded, storm", "storm", "discarded", "d"),
-        ("median inner step s, storm", "storm", "step_s", ".3f"),
-        ("final val loss, fault-free", "clean", "final_loss", ".4f"),
-        ("final val loss, storm", "storm", "final_loss", ".4f"),
-        ("final loss storm / fault-free", None, "loss_ratio", ".4f"),
-    ]
-    for label, run, key, spec in rows:
-        cells = []
-        for side in ("ostinato", "torchft"):
-            got = results.get(side, {})
-            if run is None:
-                clean, storm = got.get("clean", {}), got.get("storm", {})
-                pair = ("wall_s", "wall_s") if key == "ratio" else ("final_loss", "final_loss")
-                a, b = clean.get(pair[0]), storm.get(pair[1])
-                value = (a / b if key == "ratio" else b / a) if a and b else None
-            else:
-                value = got.get(run, {}).get(key)
-            cells.append(fmt(value, spec))
+def spread(values: list, spec: str) -> str:
+    """Median (min-max) of the seeds' values."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return fmt(values[0], spec)
+    middle = statistics.median(values)
+    return f"{fmt(middle, spec)} ({fmt(min(values), spec)}-{fmt(max(values), spec)})"
+
+
+def print_table(results: dict[int, dict[str, dict[str, dict]]]) -> None:
+    """One column per side and seed, then per side the median and range over the seeds."""
+    seeds, sides = sorted(results), ("ostinato", "torchft")
+    heads = [f"{side} s{seed}" for seed in seeds for side in sides]
+    print(
+        f"\n| measure | {' | '.join(heads)} | ostinato, median (range) | torchft, median (range) |"
+    )
+    print("| --- |" + " ---: |" * (len(heads) + 2))
+    for label, run, key, spec in ROWS:
+        cells = [
+            fmt(value_of(results[s].get(side, {}), run, key), spec) for s in seeds for side in sides
+        ]
+        for side in sides:
+            cells.append(
+                spread([value_of(results[s].get(side, {}), run, key) for s in seeds], spec)
+            )
         print(f"| {label} | {' | '.join(cells)} |")
+    wins = [
+        value_of(results[s].get("ostinato", {}), None, "ratio") is not None
+        and value_of(results[s].get("ostinato", {}), None, "ratio")
+        >= (value_of(results[s].get("torchft", {}), None, "ratio") or 0)
+        for s in seeds
+    ]
+    print(f"\nfleet goodput >= torchft's on {sum(wins)} of {len(seeds)} seeds")
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--h", type=int, default=20, help="inner steps per round")
-    parser.add_argument("--rounds", type=int, default=60, help="rounds per run")
+    parser.add_argument("--rounds", type=int, default=40, help="rounds per run")
     parser.add_argument("--batch", type=int, default=8, help="sequences per replica per step")
-    parser.add_argument("--mtbf", type=float, default=20.0, help="seconds between crashes")
-    parser.add_argument("--seed", type=int, default=3, help="storm seed")
-    parser.add_argument("--storm-s", type=float, default=240.0, help="storm duration")
+    parser.add_argument("--kills", type=int, default=8, help="SIGKILLs per storm")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="storm seeds")
     parser.add_argument("--restart-s", type=float, default=10.0, help="for the quorum check")
     parser.add_argument("--detect-s", type=float, default=2.0, help="failure detection timeout")
     parser.add_argument("--timeout-s", type=float, default=10.0, help="collective timeout")
@@ -232,21 +294,13 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def main() -> None:
-    args = parse_args()
-    shutil.rmtree(args.out, ignore_errors=True)
-    args.out.mkdir(parents=True)
-    if "torchft" in args.sides and args.make_venv and (why := make_venv(Path(args.venv))):
-        raise SystemExit(f"torchft venv: {why}")
-    cfg, seeds = prepare_data(args.out, args, NAMES)
-    spec = f"storm:mtbf={args.mtbf:g}s,seed={args.seed},kinds=crash,duration={args.storm_s:g}s"
-    storm = parse_faults(spec, list(NAMES), restart_s=args.restart_s)
-    print(f"{spec}: {', '.join(f'{f.island}@{f.at_s:.0f}s' for f in storm)}")
-    print(f"H={args.h}, {args.rounds} rounds, detection {args.detect_s:g} s", flush=True)
+def run_seed(args, cfg: list[str], seeds: dict, seed: int) -> dict[str, dict[str, dict]]:
+    storm = round_storm(seed, args.kills, args.rounds)
+    print(f"seed {seed}: {', '.join(f'{name}@round {n}' for name, n in storm)}", flush=True)
     results: dict[str, dict[str, dict]] = {}
     for run, faults in (("clean", []), ("storm", storm)):
         for name in args.sides:
-            run_dir = args.out / run / name
+            run_dir = args.out / f"seed{seed}" / run / name
             run_dir.mkdir(parents=True)
             started = time.perf_counter()
             if name == "ostinato":
@@ -257,6 +311,18 @@ def main() -> None:
             took = time.perf_counter() - started
             print(f"{name} {run}: {took:.0f} s, load {os.getloadavg()[0]:.1f}", flush=True)
             print(f"  {json.dumps(results[name][run])}", flush=True)
+    return results
+
+
+def main() -> None:
+    args = parse_args()
+    shutil.rmtree(args.out, ignore_errors=True)
+    args.out.mkdir(parents=True)
+    if "torchft" in args.sides and args.make_venv and (why := make_venv(Path(args.venv))):
+        raise SystemExit(f"torchft venv: {why}")
+    cfg, seeds = prepare_data(args.out, args, NAMES)
+    print(f"H={args.h}, {args.rounds} rounds, {args.kills} kills, detection {args.detect_s:g} s")
+    results = {seed: run_seed(args, cfg, seeds, seed) for seed in args.seeds}
     print_table(results)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
 

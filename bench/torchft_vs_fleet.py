@@ -673,13 +673,15 @@ def time_to(side: Side, target: float, first_step: float) -> float | None:
 def fmt(value, unit: str = "") -> str:
     if value is None:
         return "-"
+    if isinstance(value, str):  # already shown: a median and its range
+        return value
     if isinstance(value, int):
         return f"{value}{unit}"
     return f"{value:.2f}{unit}"
 
 
 def ratio(theirs, ours) -> str:
-    if theirs is None or ours is None:
+    if theirs is None or ours is None or isinstance(theirs, str) or isinstance(ours, str):
         return "-"
     if ours == 0:
         return "inf" if theirs else "="
@@ -730,6 +732,8 @@ def print_table(title: str, rows: list[tuple[str, object, object, str]]) -> None
 
 
 def median_rows(repeats: list[list[tuple]]) -> list[tuple[str, object, object, str]]:
+    """Per measure and side: the median over the repeats, and their range."""
+
     def median(values):
         values = [v for v in values if v is not None]
         if not values:
@@ -737,8 +741,14 @@ def median_rows(repeats: list[list[tuple]]) -> list[tuple[str, object, object, s
         mid = statistics.median(values)
         return int(mid) if all(isinstance(v, int) for v in values) and mid == int(mid) else mid
 
+    def spread(values) -> str | None:
+        values = [v for v in values if v is not None]
+        if len(values) < 2:
+            return fmt(median(values)) if values else None
+        return f"{fmt(median(values))} ({fmt(min(values))}-{fmt(max(values))})"
+
     return [
-        (rows[0][0], median([r[1] for r in rows]), median([r[2] for r in rows]), rows[0][3])
+        (rows[0][0], spread([r[1] for r in rows]), spread([r[2] for r in rows]), rows[0][3])
         for rows in zip(*repeats, strict=True)
     ]
 
@@ -763,7 +773,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--venv", default="/tmp/torchft-venv", help="torchft's own venv")
     parser.add_argument("--make-venv", action="store_true", help="create --venv if missing")
     parser.add_argument("--skip-torchft", action="store_true", help="run the ostinato side only")
-    parser.add_argument("--repeats", type=int, default=1, help="runs of each side, alternating")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each side, alternating")
     parser.add_argument("--out", type=Path, default=None, help="keep the runs here")
     return parser.parse_args()
 
@@ -826,7 +836,7 @@ def main() -> None:
         for side in sides.values():
             print_details(side)
     if len(repeats) > 1:
-        print_table(f"median of {len(repeats)} repeats", median_rows(repeats))
+        print_table(f"median (range) of {len(repeats)} repeats", median_rows(repeats))
     print(f"\ntotal time {time.perf_counter() - started:.0f} s")
 
 

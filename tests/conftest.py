@@ -40,6 +40,17 @@ def run_cli(
     )
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`make test` runs two workers (pytest-xdist, --dist loadgroup): the multi-process tests of
+    tests/dist all go to one of them, one at a time, so no two fleets share the 2 cores (their
+    timeouts allow one other test beside them, as a loaded machine would); the unit and
+    integration tests share the other worker."""
+    for item in items:
+        if "tests/dist/" in item.nodeid:
+            item.add_marker(pytest.mark.xdist_group("processes"))
+
+
 @pytest.fixture
 def tiny() -> Config:
     return tiny_config()

@@ -134,6 +134,9 @@ def fleet_local(
         typer.Option("--for", help="ISLAND:section.key=value for one island only."),
     ] = None,
     max_restarts: Annotated[int, typer.Option(help="Restarts of a crashed island.")] = 3,
+    warm_spare: Annotated[
+        bool, typer.Option(help="Keep a process with the trainer imported for the next restart.")
+    ] = True,
     debug: Debug = False,
 ) -> None:
     """Run a whole fleet on this machine: a coordinator and one process per island.
@@ -151,7 +154,7 @@ def fleet_local(
     load_config(config, overrides)  # refuse a bad config before starting anything
     chosen = island_names(islands, names)
     per_island = parse_per_island(for_island or [], chosen)
-    fleet = LocalFleet(config, out, chosen, overrides, per_island, resume, max_restarts)
+    fleet = LocalFleet(config, out, chosen, overrides, per_island, resume, max_restarts, warm_spare)
     raise typer.Exit(fleet.run())
 
 

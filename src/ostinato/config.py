@@ -269,12 +269,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             f"data.seq_len = {cfg.data.seq_len}: must be <= model.max_seq_len ({cfg.model.max_seq_len})"
         )
     _check_budget(cfg.fleet, errors)
-    if cfg.fleet.progress_timeout_s <= cfg.fleet.heartbeat_timeout_s:
-        errors.append(
-            f"fleet.progress_timeout_s = {cfg.fleet.progress_timeout_s}: must be > "
-            f"fleet.heartbeat_timeout_s ({cfg.fleet.heartbeat_timeout_s}), so a silent island is "
-            f"caught by its heartbeats, not taken for a stalled one"
-        )
+    _check_timeout_order(cfg.fleet, errors)
     if cfg.guards.spike_warmup > cfg.guards.spike_window:
         errors.append(
             f"guards.spike_warmup = {cfg.guards.spike_warmup}: must be <= guards.spike_window "
@@ -287,6 +282,36 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     if errors:
         raise ConfigError(_format_errors(path, errors))
     return cfg
+
+
+EXCHANGE_MARGIN_S = 5.0  # after the collective's timeout: members report, emulated links pad
+
+
+def exchange_deadline_s(fleet: FleetConfig) -> float:
+    """How long the coordinator lets an exchange run before it aborts it: past the collective's
+    own timeout, so a member's gloo error is reported first."""
+    return fleet.timeout_s + EXCHANGE_MARGIN_S
+
+
+def _check_timeout_order(fleet: FleetConfig, errors: list[str]) -> None:
+    """The fleet's timeouts fire in one order, each above the one under it: heartbeat (a silent
+    island; a dead one is known sooner, from its connection) < progress (one that beats but makes
+    no step), and collective (fleet.timeout_s) < exchange deadline (collective + 5 s) < progress,
+    so an exchange that runs long is never taken for a stall. fleet.connect_timeout_s (join)
+    bounds the wait for the coordinator itself."""
+    progress = fleet.progress_timeout_s
+    if progress <= fleet.heartbeat_timeout_s:
+        errors.append(
+            f"fleet.progress_timeout_s = {progress}: must be > fleet.heartbeat_timeout_s "
+            f"({fleet.heartbeat_timeout_s}), so a silent island is caught by its heartbeats, not "
+            f"taken for a stalled one"
+        )
+    if progress <= exchange_deadline_s(fleet):
+        errors.append(
+            f"fleet.progress_timeout_s = {progress}: must be > fleet.timeout_s + "
+            f"{EXCHANGE_MARGIN_S:g} ({exchange_deadline_s(fleet):g}, the exchange deadline), so a "
+            f"long exchange is ended by its own timeout, not taken for a stall"
+        )
 
 
 def budget_of(fleet: FleetConfig) -> tuple[str, float]:

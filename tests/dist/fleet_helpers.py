@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -113,6 +114,11 @@ def island_pids(out: Path, name: str) -> list[int]:
 
 
 def island_pid(out: Path, name: str) -> int:
+    """The current process of island `name` of `fleet local`'s fleet in `out` (its islands.json:
+    a restart may run in a warm spare, under the spare's command line), else found by /proc."""
+    recorded = out / "islands.json"
+    if recorded.exists():
+        return json.loads(recorded.read_text())[name]
     pids = island_pids(out, name)
     assert len(pids) == 1, f"island {name} of {out}: processes {pids}"
     return pids[0]

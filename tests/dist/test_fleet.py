@@ -38,13 +38,19 @@ def slow(*names: str, factor: int = 3) -> list[str]:
     ]
 
 
+def next_compute_start(run_dir: Path, after: float) -> float:
+    """When the island's first inner step after `after` (epoch seconds) began."""
+    spans = read_jsonl(run_dir / "events.jsonl")
+    return min(e["start"] for e in spans if e.get("kind") == "compute" and e["start"] >= after)
+
+
 def test_an_island_killed_mid_exchange_recovers_from_a_donor(tmp_path):
     out = tmp_path / "fleet"
     # Island c's emulated link stretches its exchange to ~1 s, so a kill lands inside one.
     fleet = fleet_local(
         out,
         3,
-        "--train.steps=200",
+        "--train.steps=120",
         "--fleet.budget=steps:10",
         *slow("a", "b"),
         "--for",
@@ -60,11 +66,25 @@ def test_an_island_killed_mid_exchange_recovers_from_a_donor(tmp_path):
 
     wait_until(c_exchanging, what="island c in an exchange")
     killed_after = len(rounds(out))
+    killed_at = time.time()
     kill(island_pid(out, "c"))
     assert fleet.wait() == 0, fleet.output[-4000:]
+    # The survivors learn of the death from c's closed connection, not a heartbeat timeout (2 s),
+    # and retry without it at once: their next inner step starts within 1 s of the kill (a few
+    # polls and ticks, a new exchange of a tiny model, and one slowed step; bench/recovery.py
+    # holds the 0.5 s target).
+    for survivor in "ab":
+        resumed = next_compute_start(out / survivor, killed_at)
+        assert resumed - killed_at < 1.0, (survivor, resumed - killed_at)
+    # Every island's steps take 3x as long (and the machine runs 3 islands, a coordinator and a
+    # warm spare): slow but alive, none is ever taken for dead. Only c's death is reported, once.
+    deaths = [
+        g for g in read_jsonl(out / "guards.jsonl") if g["guard"] in ("heartbeat", "progress")
+    ]
+    assert [(g["island"], g.get("transport")) for g in deaths] == [("c", True)], deaths
 
     log = rounds(out)
-    assert [r["round"] for r in log] == list(range(1, 21))  # every round committed once
+    assert [r["round"] for r in log] == list(range(1, 13))  # every round committed once
     without_c = [r for r in log if r["members"] == ["a", "b"]]
     assert without_c, f"no round committed by the survivors alone: {log}"
     assert without_c[0]["round"] == killed_after + 1

@@ -87,6 +87,7 @@ def test_kill_at_a_random_step_then_resume_is_bit_identical(tmp_path, reference)
     process.wait()
     done = run_cli(*train_args(out))
     assert done.returncode == 0, f"killed at step {kill_at}: {done.stderr[-3000:]}"
+    assert "from the corpus cache" in done.stderr  # the restart did not tokenize again
     assert_identical(out, reference)
 
 

@@ -212,18 +212,6 @@ def rounds_log(tmp_path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-@pytest.fixture
-def make_coordinator(tmp_path):
-    """Coordinators on free ports, all logging to the same run directory (as after a restart)."""
-
-    def make(guards: GuardsConfig | None = None, **overrides: Any) -> Coordinator:
-        coordinator = Coordinator("127.0.0.1:0", fleet_cfg(**overrides), tmp_path, guards)
-        coordinator.slow_tick_s = 0.0  # every tick does everything: the tests step it by hand
-        return coordinator
-
-    return make
-
-
 # --- admission --------------------------------------------------------------------------------
 
 

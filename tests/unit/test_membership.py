@@ -196,6 +196,14 @@ def test_progress_timeout_must_exceed_the_heartbeat_timeout():
     assert load_config(None, []).fleet.progress_timeout_s > 5.0
 
 
+def test_the_exchange_deadline_must_end_before_the_progress_guard_fires():
+    """collective (fleet.timeout_s) < exchange deadline (+ 5 s) < progress: the order in which
+    the fleet's timeouts may fire (config._check_timeout_order)."""
+    with pytest.raises(ConfigError, match=r"fleet.timeout_s \+ 5 \(25, the exchange deadline\)"):
+        load_config(None, ["fleet.timeout_s=20", "fleet.progress_timeout_s=25"])
+    assert load_config(None, ["fleet.timeout_s=20", "fleet.progress_timeout_s=26"])
+
+
 # --- a heal refused for its MAC ---------------------------------------------------------------
 
 

@@ -15,7 +15,10 @@ def test_a_process_first_round_starts_at_its_first_step_not_when_it_began_joinin
     monkeypatch.setattr(island.time, "perf_counter", lambda: now[0])
     beats = []
     fleet = SimpleNamespace(
-        clock=RoundClock(), member=SimpleNamespace(heartbeat=SimpleNamespace(progress=beats.append))
+        clock=RoundClock(),
+        member=SimpleNamespace(
+            heartbeat=SimpleNamespace(progress=beats.append), serve_asked_heal=lambda: None
+        ),
     )
     now[0] += 5.0  # joining, being healed, setting up: not the round's inner work
     assert fleet.clock.seconds() == 0.0

@@ -1,7 +1,9 @@
 """The fleet coordinator: who is alive, who takes part in each round, and whether it commits.
 
 It hosts the TCPStore and runs one loop over it: read join requests (knocks), read heartbeats,
-advance the round. Membership (joining, heartbeats, health guards) is fleet/membership.py; this
+advance the round. Beside the store it listens for the islands' liveness connections
+(fleet/liveness.py): a connection that ends without a "bye" is an island that died, known within
+a tick, and an exchange it was in is aborted at once so the survivors retry without it. Membership (joining, heartbeats, health guards) is fleet/membership.py; this
 module plans, commits and aborts rounds. It holds no model state: after a restart it learns the
 last committed round from the islands, which re-knock when their connection drops, so a restart
 loses no round. The keys of a round are deleted two rounds after it commits.
@@ -15,11 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ostinato.config import FleetConfig, GuardsConfig
+from ostinato.config import FleetConfig, GuardsConfig, exchange_deadline_s
 from ostinato.fleet import wire
 from ostinato.fleet.guards import GuardLog
+from ostinato.fleet.joining import heal_group
+from ostinato.fleet.liveness import KEY as LIVENESS_KEY
+from ostinato.fleet.liveness import LivenessServer
 from ostinato.fleet.membership import IslandView, Membership
-from ostinato.fleet.round_guards import RoundGuards
+from ostinato.fleet.prompt_heal import PromptHeals
+from ostinato.fleet.round_guards import RoundGuards, round_record
 from ostinato.fleet.streaming import fragment_of
 from ostinato.jsonl import append_jsonl, read_jsonl
 
@@ -60,6 +66,9 @@ class Coordinator:
             cfg, self.guards, self.guard_log, self.token, self.keys, self.public, recipe
         )
         self.islands = self.membership.islands
+        self.prompt_heals = PromptHeals(self.keys, self.islands)
+        self.liveness = LivenessServer(wire.split_address(bind)[0], self.token)
+        self.keys.put(LIVENESS_KEY, {"port": self.liveness.port})
         self.round = RoundState()
         # Every store request of a tick costs the coordinator's core; on a box the islands
         # share, polling all of them every TICK_S took ~11% of a core.
@@ -70,7 +79,8 @@ class Coordinator:
         self.last_healed: list[str] = []  # healed by the last commit: current, not late
         self.restore_asked: set[tuple[str, str]] = set()  # (island, nonce) told to restore
         self.committed_here = 0  # rounds committed by this coordinator process
-        self.finished_rounds: dict[int, tuple[RoundState, list[str]]] = {}  # keys to delete
+        # keys to delete: a committed round's attempts, and the (joiner, nonce) it healed
+        self.finished_rounds: dict[int, tuple[RoundState, list[tuple[str, str]]]] = {}
         self.started = time.monotonic()
         self.finished = False
         self._recall_committed_rounds()
@@ -102,7 +112,14 @@ class Coordinator:
             elif quiet_since is None:
                 quiet_since = time.monotonic()
 
+    def close(self) -> None:
+        """Stop listening (the store goes with the object)."""
+        self.liveness.close()
+
     def tick(self) -> None:
+        for island, nonce, died in self.liveness.poll():  # every tick: a death is news
+            if died:
+                self.membership.connection_lost(island, nonce, self.finished)
         now = time.monotonic()
         slow = now - self.last_slow_tick >= self.slow_tick_s
         if slow:
@@ -111,6 +128,7 @@ class Coordinator:
             self.membership.read_heartbeats()
             self.membership.watch_health(self.finished)
             self.membership.read_heal_failures()
+            self.prompt_heals.confirm(lambda name: name in self._alive(), self.last_committed)
         if self._settled():
             if slow and not self.finished and self.round.phase == "collect":
                 self._demote_late_islands()
@@ -159,7 +177,21 @@ class Coordinator:
             old = f"{island}/{previous.nonce}"
             self.keys.delete(f"heal/{old}", f"restore/{old}", f"restored/{old}", f"healbad/{old}")
         self.islands[island] = IslandView(island, nonce, role, have, time.monotonic())
+        if role == "joiner" and self.round.phase == "collect":
+            self.prompt_heals.ask(self.islands[island], self._donors_now(), self.last_committed)
         return {"ok": True, "role": role, "round": self.last_committed + 1}
+
+    def _donors_now(self) -> list[str]:
+        """Members that can heal a joiner now: they hold the last committed round's state and
+        are still training (not ready), so they reach an inner step before the next commit."""
+        number = self.round.number
+        return [
+            m
+            for m in self._alive("member")
+            if self.islands[m].have == self.last_committed
+            and not self.islands[m].fresh
+            and not self._ready(number, m)
+        ]
 
     def _learn_last_committed(self, have: int) -> None:
         """After a restart (or a fleet resumed from its checkpoint) the islands say where it was."""
@@ -182,6 +214,7 @@ class Coordinator:
             self._restore_orphans()
         live = self._alive("member")
         ready = [m for m in live if self._ready(state.number, m)]
+        self.prompt_heals.hurry(state.number, live, ready)
         if not ready:
             state.first_ready_at = None
             return
@@ -256,7 +289,7 @@ class Coordinator:
                 self._abort("the members' digests differ and too few agree")
             return
         gone = [m for m in state.members if m not in self._alive()]
-        overdue = time.monotonic() - state.exchange_started > self.cfg.timeout_s + 5
+        overdue = time.monotonic() - state.exchange_started > exchange_deadline_s(self.cfg)
         if gone or overdue:
             self._abort(f"gone: {', '.join(gone)}" if gone else "exchange overdue")
 
@@ -299,7 +332,9 @@ class Coordinator:
         self.last_healed = list(joiners)
         self.last_committed = state.number
         self.committed_here += 1
-        self.finished_rounds[state.number] = (state, joiners)
+        healed = [(h["island"], h["nonce"]) for h in record["heal"]]
+        self.finished_rounds[state.number] = (state, healed)
+        self.prompt_heals.committed(state.number, state.members)
         self._forget_round(state.number - KEPT_ROUNDS)
         self.round = RoundState(number=state.number + 1)
         self.finished = final
@@ -323,7 +358,7 @@ class Coordinator:
             keys += [f"result/{number}/{attempt}/{m}" for m in members]
             keys += wire.group_keys(f"pg/{number}/{attempt}", len(members))
         for joiner in healed:
-            keys += wire.group_keys(f"healpg/{number}/{joiner}", 2)
+            keys += wire.group_keys(heal_group(number, *joiner), 2)
         self.keys.delete(*keys)
 
     def _abort(self, why: str) -> None:
@@ -340,39 +375,15 @@ class Coordinator:
 
     def _log_round(self, results: dict[str, dict[str, Any]], quarantined: list[str]) -> None:
         state = self.round
-        kept = state.members[0]
         fragments = int((self.fingerprint or {}).get("fragments", 1))
-        record = {
-            "round": state.number,
-            "fragment": fragment_of(state.number, fragments, self.total_rounds),  # None: all
-            "attempt": state.attempt,
-            "members": state.members,
-            "bytes_sent": {m: r["bytes_sent"] for m, r in results.items()},
-            "exchange_s": max(r["exchange_s"] for r in results.values()),
-            "tokens": {m: r["tokens"] for m, r in results.items()},
-            "digest": results[kept]["digest"],
-            "excluded": sorted({m for r in results.values() for m in r.get("excluded", [])}),
-            "refused": sorted({m for r in results.values() for m in r.get("refused", [])}),
-            "quarantined": quarantined,
-            "time": time.time(),
-        }
+        fragment = fragment_of(state.number, fragments, self.total_rounds)  # None: all
+        record = round_record(state.number, state.attempt, state.members, results, quarantined)
         log.info("coordinator: round %d committed by %s", state.number, ", ".join(state.members))
         if self.out is not None:
             self.out.mkdir(parents=True, exist_ok=True)
-            append_jsonl(self.out / "rounds.jsonl", record)  # never glued to a torn line
+            append_jsonl(self.out / "rounds.jsonl", {**record, "fragment": fragment})
 
     def _publish_status(self) -> None:
-        islands = [
-            {
-                "island": v.name,
-                "state": self._shown_state(v),
-                "role": v.role,
-                "step": v.status.get("step"),
-                "tokens_per_s": v.status.get("tokens_per_s"),
-                "round": v.status.get("round"),
-            }
-            for v in sorted(self.islands.values(), key=lambda v: v.name)
-        ]
         status = {
             "round": self.round.number,
             "attempt": self.round.attempt,
@@ -380,11 +391,6 @@ class Coordinator:
             "last_committed": self.last_committed,
             "total_rounds": self.total_rounds,
             "finished": self.finished,
-            "islands": islands,
+            "islands": self.membership.rows(),
         }
         self.keys.put("status", status)
-
-    def _shown_state(self, view: IslandView) -> str:
-        if self._is_alive(view):
-            return view.status.get("state", "starting")
-        return "stalled" if self.membership.beating(view) else "gone"

@@ -250,6 +250,7 @@ class FleetIsland:
         even when it is the first after a round or a restart."""
         self.clock.begin()
         self.member.heartbeat.progress(step)
+        self.member.serve_asked_heal()  # the leader's member only: the others hold no keys
 
     def stepped(self, step: int, tokens: int, tokens_per_s: float) -> None:
         """After inner step `step`: count it in the round, and beat it (the coordinator's

@@ -9,6 +9,7 @@ Every exchange group's gloo device listens on this machine's address towards the
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
@@ -25,6 +26,13 @@ from ostinato.fleet.outer import OuterState
 
 log = logging.getLogger("ostinato")
 POLL_S = 0.005
+ASKED_POLL_S = 0.1  # how often a training member looks for a heal asked of it (one store read)
+
+
+def heal_group(round_number: int, joiner: str, nonce: str) -> str:
+    """The name of the gloo group of one heal: of the joiner's admission (nonce), so a heal at
+    commit and one asked mid-round, or two admissions of one island, never share a rendezvous."""
+    return f"healpg/{round_number}/{joiner}/{nonce}"
 
 
 class Refused(errors.Refused):  # its own exit code (ostinato.errors)
@@ -50,6 +58,10 @@ class Joining:
     carried_nonce: str
     refused_heal: int  # the round of the last heal order whose payload failed its MAC
     device: dist.ProcessGroupGloo.Device | None  # gloo's, shared by every group
+    joined_at: float | None = None  # when this process was admitted
+    fresh: bool = False  # healed mid-round (fleet/prompt_heal.py): may be told to end it early
+    asked_read_at: float = 0.0  # when serve_asked_heal last looked for a request
+    serving: threading.Thread | None = None  # a heal being sent in the background
 
     def start(self, model: nn.Module) -> None:
         """Join the fleet; a joiner is healed by a donor before it trains."""
@@ -57,6 +69,7 @@ class Joining:
         # Beats only once admitted: a restarted island's beats must not make its dead
         # predecessor look alive (and so get itself refused as a second island of that name).
         self._knock(reconnect=False)
+        self.joined_at = time.time()  # the start's `join` phase ends here (ostinato.startup)
         self.heartbeat.start()
         if self.role == "finished":
             log.info("fleet: the fleet has already finished its run")
@@ -94,6 +107,7 @@ class Joining:
                 f"the fleet coordinator refused island {self.island!r}: {reply['reason']}"
             )
         self.role = reply["role"]
+        self.heartbeat.nonce = self.nonce  # its liveness connection follows the admission
         log.info("fleet: joined as %s at round %d", self.role, reply["round"])
 
     def _knock_again(self, reply: dict[str, Any]) -> None:
@@ -162,14 +176,17 @@ class Joining:
             return False
         self.outer.load_tensor(state.view(torch.float32))
         self.round_have, self.role = order["round"], "member"
+        self.fresh = bool(order.get("now"))
         log.info("fleet: healed from %s at round %d", order["donor"], self.round_have)
         return True
 
     def _receive_heal(self, order: dict[str, Any]) -> torch.Tensor:
         """The donor's sealed fleet state, as it arrived."""
-        group = self._group(f"healpg/{order['round']}/{self.island}", rank=1, size=2)
+        name = heal_group(order["round"], self.island, self.nonce)
+        group = self._group(name, rank=1, size=2)
         sealed = torch.empty(self.outer.numel * 2 * 4 + wire.MAC_BYTES, dtype=torch.uint8)
         group.broadcast(sealed, 0).wait()  # parameters and momentum, fp32, then the MAC
+        self.keys.delete(*wire.group_keys(name, 2))  # both ends met: its rendezvous is done
         return sealed
 
     def _restore(self) -> None:
@@ -180,13 +197,52 @@ class Joining:
         self.keys.put(f"restored/{self.island}/{self.nonce}", {"from_round": from_round})
         log.warning("fleet: no donor alive; restored the fleet state of round %d", from_round)
 
+    def serve_asked_heal(self) -> None:
+        """Before an inner step: heal a joiner now if the coordinator asked (prompt_heal.py).
+        The state is copied here, between steps, and sent from a thread: the island trains on,
+        and its fleet state changes only at its next commit, after this round's exchange."""
+        now = time.monotonic()
+        if self.keys is None or now - self.asked_read_at < ASKED_POLL_S:
+            return
+        self.asked_read_at = now
+        asked = self.read_quietly(f"healnow/{self.island}")
+        if asked is None or asked.get("round") != self.round_have or self.serving is not None:
+            return
+        self.keys.delete(f"healnow/{self.island}")
+        heal = {"island": str(asked["island"]), "nonce": str(asked["nonce"])}
+        order = {"round": self.round_have, "donor": self.island, "final": False, "now": True}
+        self.keys.put(f"heal/{heal['island']}/{heal['nonce']}", order)
+        state = self.outer.as_tensor().clone()
+        self.serving = threading.Thread(
+            target=self._send_heal, args=(heal, self.round_have, state), daemon=True
+        )
+        self.serving.start()
+
+    def read_quietly(self, key: str) -> Any:
+        """A key read between inner steps; None while the coordinator is away (it restarts: the
+        next exchange reconnects)."""
+        try:
+            return self.keys.get(key)
+        except (RuntimeError, dist.DistStoreError, dist.DistNetworkError):
+            return None
+
+    def heal_sent(self) -> None:
+        """Wait for a heal in flight (before this island's next exchange, and when leaving)."""
+        if self.serving is not None:
+            self.serving.join()
+            self.serving = None
+
     def _serve_heal(self, heal: dict[str, Any], round_number: int, final: bool) -> None:
         order = {"round": round_number, "donor": self.island, "final": final}
         self.keys.put(f"heal/{heal['island']}/{heal['nonce']}", order)
+        self._send_heal(heal, round_number, self.outer.as_tensor())
+
+    def _send_heal(self, heal: dict[str, Any], round_number: int, state: torch.Tensor) -> None:
         context = ("heal", round_number, self.island, heal["island"], heal["nonce"])
-        sealed = wire.seal(self.outer.as_tensor().view(torch.uint8), self.token, *context)
+        sealed = wire.seal(state.view(torch.uint8), self.token, *context)
         try:
-            group = self._group(f"healpg/{round_number}/{heal['island']}", rank=0, size=2)
+            name = heal_group(round_number, heal["island"], heal["nonce"])
+            group = self._group(name, rank=0, size=2)
             group.broadcast(sealed, 0).wait()
         except RuntimeError as exc:  # the joiner died: it will knock again
             log.warning("fleet: healing %s failed (%s)", heal["island"], exc)

@@ -2,11 +2,13 @@
 
 Starts the coordinator and one `ostinato train` per island, prefixes each line with the island's
 name, and restarts an island whose process dies (as torchrun --max-restarts would), so a crash
-costs that island its round and the fleet carries on.
+costs that island its round and the fleet carries on. A restart runs in a warm spare when one is
+ready (fleet/spare.py). The islands' current process ids are kept in OUT/islands.json.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import secrets
@@ -24,6 +26,7 @@ from rich.markup import escape
 
 from ostinato.errors import PERMANENT, UNREACHABLE
 from ostinato.fleet.guards import read_guard_log
+from ostinato.fleet.spare import Spare
 from ostinato.goodput import render_table, summarize
 
 console = Console(highlight=False)
@@ -59,11 +62,18 @@ def _pump(prefix: str, stream, lines: queue.Queue) -> None:
 
 
 def _spawn(
-    command: list[str], prefix: str, lines: queue.Queue, env: dict[str, str]
+    command: list[str],
+    prefix: str,
+    lines: queue.Queue,
+    env: dict[str, str],
+    spare: Spare | None = None,
 ) -> subprocess.Popen:
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1
-    )
+    """Run `command`: in the warm spare if there is one, else in a new process."""
+    process = spare.take(command) if spare is not None else None
+    if process is None:
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1
+        )
     threading.Thread(target=_pump, args=(prefix, process.stdout, lines), daemon=True).start()
     return process
 
@@ -78,6 +88,7 @@ class LocalFleet:
         per_island: dict[str, list[str]],
         resume: str,
         max_restarts: int,
+        warm_spare: bool = True,
     ):
         self.config, self.out, self.names = config, out, names
         self.overrides, self.per_island = overrides, per_island
@@ -88,6 +99,7 @@ class LocalFleet:
         self.env.setdefault("OSTINATO_FLEET_TOKEN", secrets.token_hex(16))
         self.coordinator: subprocess.Popen | None = None
         self.islands: dict[str, IslandProcess] = {}
+        self.spare = Spare(self.env) if warm_spare else None
         self.guard_events_seen = 0
         self.log: list[dict] = []  # what the supervisor saw and did, with unix times
 
@@ -148,6 +160,7 @@ class LocalFleet:
             island = IslandProcess(name, self.island_command(name, address))
             island.process = _spawn(island.command, name, self.lines, self.env)
             self.islands[name] = island
+        self._write_pids()
         try:
             return self._supervise()
         finally:
@@ -156,6 +169,8 @@ class LocalFleet:
     def _supervise(self) -> int:
         while not all(i.done for i in self.islands.values()):
             self._drain(0.1)
+            if self.spare is not None:
+                self.spare.keep_warm()
             self.tick()
             for island in self.islands.values():
                 self._check(island)
@@ -214,9 +229,18 @@ class LocalFleet:
         )
         command = [*island.command]
         command[command.index("--resume") + 1] = "auto"
-        island.process = _spawn(command, island.name, self.lines, self.env)
+        island.process = _spawn(command, island.name, self.lines, self.env, self.spare)
         island.started_at = time.time()
+        self._write_pids()
         self.note("restarted", island.name)
+
+    def _write_pids(self) -> None:
+        """OUT/islands.json: each island's current process id (a restart in a spare runs under
+        the spare's command line, so this is where to look an island up)."""
+        path = self.out / "islands.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.pids()))
+        os.replace(tmp, path)
 
     def _drain(self, wait: float) -> None:
         deadline = time.monotonic() + wait
@@ -231,6 +255,8 @@ class LocalFleet:
         return {name: i.process.pid for name, i in self.islands.items() if i.process}
 
     def stop(self) -> None:
+        if self.spare is not None:
+            self.spare.stop()
         for island in self.islands.values():
             if island.process and island.process.poll() is None:
                 island.process.kill()

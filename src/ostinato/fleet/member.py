@@ -26,7 +26,12 @@ from ostinato.fleet import wire
 from ostinato.fleet.compress import ErrorFeedback, from_bytes, message_bytes, unpack
 from ostinato.fleet.guards import pseudo_gradient_outliers
 from ostinato.fleet.heartbeat import Heartbeat
-from ostinato.fleet.joining import POLL_S, Joining, Refused  # noqa: F401 (Refused: public)
+from ostinato.fleet.joining import (  # noqa: F401 (Refused: public)
+    ASKED_POLL_S,
+    POLL_S,
+    Joining,
+    Refused,
+)
 from ostinato.fleet.outer import OuterState
 from ostinato.fleet.streaming import fragment_of
 
@@ -79,7 +84,7 @@ class FleetMember(Joining):
         self.refused_heal = 0  # the round of the last heal order whose payload failed its MAC
         self.device: dist.ProcessGroupGloo.Device | None = None  # gloo's, for every group
         self.keys: wire.Keys | None = None
-        self.heartbeat = Heartbeat(cfg, self.island, self.prefix)
+        self.heartbeat = Heartbeat(cfg, self.island, self.token)
 
     @property
     def active(self) -> bool:
@@ -90,8 +95,20 @@ class FleetMember(Joining):
 
     def round_due(self, steps_in_round: int, seconds_in_round: float) -> bool:
         if self.budget_kind == "steps":
-            return steps_in_round >= self.budget
-        return seconds_in_round >= self.budget
+            due = steps_in_round >= self.budget
+        else:
+            due = seconds_in_round >= self.budget
+        return due or (self.fresh and steps_in_round > 0 and self._hurried())
+
+    def _hurried(self) -> bool:
+        """Healed mid-round: whether the others are ready and wait for this island, which then
+        ends its round now, with fewer inner steps (fleet/prompt_heal.py)."""
+        now = time.monotonic()
+        if self.keys is None or now - self.asked_read_at < ASKED_POLL_S:
+            return False
+        self.asked_read_at = now
+        hurry = self.read_quietly(f"hurry/{self.round_have + 1}") or {}
+        return self.island in hurry.get("islands", [])
 
     def sync(self, model: nn.Module, tokens: int, data: dict[str, Any]) -> RoundOutcome:
         """Take part in the next round until it commits, then take its result into the model."""
@@ -134,6 +151,7 @@ class FleetMember(Joining):
 
     def _sync_once(self, pseudo_gradient, tokens: int, data: dict[str, Any]) -> RoundOutcome:
         self.heartbeat.status["state"] = "syncing"
+        self.heal_sent()  # a heal served mid-round uses the gloo device too: let it finish
         number = self.round_have + 1
         assert pseudo_gradient.numel() == self.outer.size(self.fragment(number))
         ready = {"tokens": tokens, "data": data, "nonce": self.nonce}
@@ -202,6 +220,7 @@ class FleetMember(Joining):
         if self.island not in decision["members"]:
             return self._quarantined(decision, number)
         self.outer.commit()
+        self.fresh = False
         if self.island in result["excluded"] + result["refused"]:
             self.feedback.reset()  # this round's work was left out: do not carry its error
         else:
@@ -320,5 +339,6 @@ class FleetMember(Joining):
         return RoundOutcome(committed=False, final=final, round=self.round_have)
 
     def close(self) -> None:
+        self.heal_sent()
         self.heartbeat.status["state"] = "done"
         self.heartbeat.stop()

@@ -52,6 +52,8 @@ class IslandView:
     beat: int = -1
     status: dict[str, Any] = field(default_factory=dict)
     gone: bool = False  # reported gone by the heartbeat or progress guard, until it is back
+    closed: bool = False  # its liveness connection ended without a "bye": the process died
+    fresh: bool = False  # healed mid-round (fleet/prompt_heal.py), until a round it is in commits
     slow_beats: int = 0  # heartbeats in a row below the others' speed
     judged_beat: int = -1  # the last heartbeat the straggler guard looked at
     reported_slow: bool = False
@@ -239,6 +241,27 @@ class Membership:
             view.gone = not self.is_alive(view)
         self._watch_speeds()
 
+    def connection_lost(self, island: str, nonce: str, finished: bool) -> None:
+        """The liveness connection of this admission of `island` ended without a "bye": its
+        process is gone (the kernel closed its sockets). Counted now, not after the timeout."""
+        view = self.islands.get(island)
+        if view is None or view.nonce != nonce or view.closed:
+            return
+        view.closed = True
+        if view.gone or finished or view.status.get("state") == "done":
+            return
+        view.gone = True
+        silent = time.monotonic() - view.last_beat
+        self.guard_log.fire(
+            "heartbeat",
+            view.name,
+            "dropped from rounds until it rejoins",
+            f"island {view.name}'s heartbeat connection closed ({silent:.1f} s after its last "
+            f"beat): its process is gone",
+            silent_s=silent,
+            transport=True,
+        )
+
     def _watch_progress(self, view: IslandView) -> None:
         silent = time.monotonic() - view.progress_at
         training = view.status.get("state") == "training"
@@ -308,8 +331,28 @@ class Membership:
             elif view.slow_beats == 0:
                 view.reported_slow = False
 
+    def rows(self) -> list[dict[str, Any]]:
+        """Each island as the fleet's status shows it (`ostinato fleet status`)."""
+        return [
+            {
+                "island": v.name,
+                "state": self._shown_state(v),
+                "role": v.role,
+                "step": v.status.get("step"),
+                "tokens_per_s": v.status.get("tokens_per_s"),
+                "round": v.status.get("round"),
+            }
+            for v in sorted(self.islands.values(), key=lambda v: v.name)
+        ]
+
+    def _shown_state(self, view: IslandView) -> str:
+        if self.is_alive(view):
+            return view.status.get("state", "starting")
+        return "stalled" if self.beating(view) else "gone"
+
     def beating(self, view: IslandView) -> bool:
-        return time.monotonic() - view.last_beat < self.cfg.heartbeat_timeout_s
+        silent = time.monotonic() - view.last_beat
+        return not view.closed and silent < self.cfg.heartbeat_timeout_s
 
     def is_alive(self, view: IslandView) -> bool:
         """Beating and making progress: an island that may take part in rounds."""

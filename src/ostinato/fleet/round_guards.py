@@ -6,6 +6,7 @@ sender, whose payload was changed on its way)."""
 
 from __future__ import annotations
 
+import time
 from typing import Any, Protocol
 
 from ostinato.config import GuardsConfig
@@ -84,3 +85,27 @@ class RoundGuards:
                 round=self.round.number,
                 factor=times,
             )
+
+
+def round_record(
+    number: int,
+    attempt: int,
+    members: list[str],
+    results: dict[str, dict[str, Any]],
+    quarantined: list[str],
+) -> dict[str, Any]:
+    """What rounds.jsonl says of a committed round, from its members' results (the first
+    member's digest is the round's: the guards kept only members that agree with it)."""
+    return {
+        "round": number,
+        "attempt": attempt,
+        "members": members,
+        "bytes_sent": {m: r["bytes_sent"] for m, r in results.items()},
+        "exchange_s": max(r["exchange_s"] for r in results.values()),
+        "tokens": {m: r["tokens"] for m, r in results.items()},
+        "digest": results[members[0]]["digest"],
+        "excluded": sorted({m for r in results.values() for m in r.get("excluded", [])}),
+        "refused": sorted({m for r in results.values() for m in r.get("refused", [])}),
+        "quarantined": quarantined,
+        "time": time.time(),
+    }

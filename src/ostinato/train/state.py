@@ -17,13 +17,15 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ostinato.checkpoint.state import init_optimizer_state, restore, tensor_state
 from ostinato.config import Config, TrainConfig
+from ostinato.data.cache import cached_tokens
 from ostinato.data.sources import Documents, load_documents
-from ostinato.data.stream import TokenStream, tokenize
+from ostinato.data.stream import TokenStream
 from ostinato.data.tokenizer import check_vocab, load_tokenizer, train_tokenizer
 from ostinato.fleet.island import FleetIsland, fingerprint, island_seed
 from ostinato.fleet.member import FleetMember
 from ostinato.hardware import Placement
 from ostinato.model.llama import Llama
+from ostinato.startup import StartupClock
 from ostinato.train.guards import LossSpikeGuard, NonFiniteGuard
 from ostinato.train.metrics import EventLog
 
@@ -47,6 +49,7 @@ class RankState:
     fleet: FleetIsland | None = None  # set when this rank's island is part of a fleet
     events: EventLog | None = None  # the main rank's
     saved_at: float = field(default_factory=time.time)  # when the newest good state was saved
+    startup: StartupClock = field(default_factory=StartupClock)  # where the start's time went
 
     def checkpoint_tensors(self) -> dict[str, Any]:
         tensors = tensor_state(self.model, self.optimizer)
@@ -60,20 +63,27 @@ class RankState:
 
 
 def build_state(
-    cfg: Config, out: Path, place: Placement, resume_from: Path | None, resume: str = "auto"
+    cfg: Config,
+    out: Path,
+    place: Placement,
+    resume_from: Path | None,
+    resume: str = "auto",
+    clock: StartupClock | None = None,
 ) -> RankState:
     """The rank's state, resumed from `resume_from` (or, in a fleet, from the fleet's own
     checkpoint unless `resume` is none), joined to its fleet, wrapped for data parallelism."""
+    clock = StartupClock() if clock is None else clock
     documents = load_documents(cfg.data)
     tokenizer = prepare_tokenizer(cfg, documents, out, place, resume_from)
     check_vocab(tokenizer, cfg.model.vocab_size, str(out / TOKENIZER_FILE))
     stream = TokenStream(
-        tokenize(tokenizer, documents.train),
+        cached_tokens(tokenizer, documents.train, out / "cache"),
         cfg.data.seq_len,
         island_seed(cfg.fleet, cfg.data.seed),
         place.rank,
         place.world_size,
     )
+    clock.mark("data")
     model = Llama(cfg.model)
     model.init_weights(torch.Generator().manual_seed(cfg.train.seed))
     model.to(place.device)
@@ -81,6 +91,8 @@ def build_state(
     init_optimizer_state(model, optimizer)
     guards = NonFiniteGuard(cfg.guards), LossSpikeGuard(cfg.guards)
     state = RankState(model, model, optimizer, stream, tokenizer, documents, *guards)
+    state.startup = clock
+    clock.mark("model")
     if cfg.fleet.coordinator:
         prints = fingerprint(cfg.model, cfg.fleet, cfg.train.steps, tokenizer)
         member = FleetMember(cfg.fleet, model, prints, cfg.guards)
@@ -90,8 +102,12 @@ def build_state(
         resume_state(cfg, state, resume_from)
     elif state.fleet is not None and resume != "none":
         state.fleet.resume_from_fleet_checkpoint()
+    clock.mark("checkpoint")
     if state.fleet is not None and place.is_main:
         state.fleet.join()
+        if state.fleet.member.joined_at is not None:
+            clock.mark("join", state.fleet.member.joined_at)
+        clock.mark("heal")
     if state.fleet is not None and place.world_size > 1:
         state.fleet.share_fleet_state()  # the leader may have been healed, or finished
     if place.world_size > 1:

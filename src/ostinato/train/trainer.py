@@ -25,6 +25,8 @@ from ostinato.data.stream import tokenize
 from ostinato.fleet.island import total_inner_steps
 from ostinato.goodput import Goodput, summarize
 from ostinato.hardware import Placement
+from ostinato.jsonl import append_jsonl
+from ostinato.startup import STARTUP_FILE, StartupClock
 from ostinato.train.evaluate import Evaluation, accuracy, validation_loss
 from ostinato.train.hooks import StepHooks
 from ostinato.train.metrics import EventLog, MetricsLog, ProgressDisplay
@@ -59,15 +61,23 @@ def train(
             "faults.schedule is set but no step hooks inject it: run it with `ostinato train` "
             "(or pass hooks=ostinato.faults.inject.step_hooks(cfg, out))"
         )
+    clock = StartupClock()
+    clock.mark("imports")  # the command's imports are done by now
     place = hardware.setup(cfg.hardware)
     try:
-        return _train(cfg, Path(out), resume, place, show_progress, hooks or StepHooks())
+        return _train(cfg, Path(out), resume, place, show_progress, hooks or StepHooks(), clock)
     finally:
         hardware.teardown()
 
 
 def _train(
-    cfg: Config, out: Path, resume: str, place: Placement, show_progress: bool, hooks: StepHooks
+    cfg: Config,
+    out: Path,
+    resume: str,
+    place: Placement,
+    show_progress: bool,
+    hooks: StepHooks,
+    clock: StartupClock,
 ) -> TrainResult:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -79,7 +89,7 @@ def _train(
     if place.is_main:
         save_config(cfg, out / "config.toml")
     recovery_started = time.time()
-    state = build_state(cfg, out, place, resume_from, resume)
+    state = build_state(cfg, out, place, resume_from, resume, clock)
     # Joining a fleet may have healed the parameters since the checkpoint resumed from.
     resumed_as_saved = resume_from is not None and state.fleet is None
     writer.last_saved_step = state.step if resumed_as_saved else None
@@ -237,6 +247,10 @@ def run_steps(
             }
             if state.events is not None:
                 state.events.span("compute", wall, wall + compute_s)
+                if not state.startup.written:  # this process's first inner step is done
+                    state.startup.mark("first_step", wall + compute_s)
+                    append_jsonl(out / STARTUP_FILE, state.startup.record())
+                    state.startup.written = True
                 if stall_s:
                     state.events.span("checkpoint", wall + compute_s, wall + step_s)
             if fleet is not None:
