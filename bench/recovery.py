@@ -49,17 +49,10 @@ def fleet_command(args, out: Path) -> list[str]:
     return command + ([] if args.warm_spare else ["--no-warm-spare"])
 
 
-def island_pid(out: Path, name: str) -> int | None:
-    """The process whose command line trains island `name` into `out/name` (see fleet_helpers)."""
-    island, run_dir = f"--fleet.island={name}".encode(), str(out / name).encode()
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            argv = cmdline.read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if island in argv and (b"--out", run_dir) in zip(argv, argv[1:], strict=False):
-            return int(cmdline.parent.name)
-    return None
+def island_pid(out: Path, name: str) -> int:
+    """The current process of island `name`, from `fleet local`'s OUT/islands.json (a restart in
+    a warm spare runs under the spare's command line)."""
+    return int(json.loads((out / "islands.json").read_text())[name])
 
 
 def wait_for(probe, timeout: float, what: str):

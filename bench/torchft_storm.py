@@ -298,6 +298,8 @@ def run_seed(args, cfg: list[str], seeds: dict, seed: int) -> dict[str, dict[str
     storm = round_storm(seed, args.kills, args.rounds)
     print(f"seed {seed}: {', '.join(f'{name}@round {n}' for name, n in storm)}", flush=True)
     results: dict[str, dict[str, dict]] = {}
+    (args.out / f"seed{seed}").mkdir()
+    (args.out / f"seed{seed}" / "data.pt").symlink_to((args.out / "data.pt").resolve())
     for run, faults in (("clean", []), ("storm", storm)):
         for name in args.sides:
             run_dir = args.out / f"seed{seed}" / run / name

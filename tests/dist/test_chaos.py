@@ -152,6 +152,7 @@ def fault_free(out, names: str, rounds: int) -> Running:
     extra = [f"--fleet.expect={count}", f"--fleet.min_islands={count}"]
     extra += ["--fleet.connect_timeout_s=600", "--fleet.heartbeat_timeout_s=60"]
     extra += ["--fleet.progress_timeout_s=120"]
+    extra += ["--no-warm-spare"]  # fault-free: no restart to keep a spare process for
     return Running([*command, "--islands", str(count), "--names", names, *recipe, *extra])
 
 

@@ -183,6 +183,7 @@ def test_a_slow_island_with_a_time_budget_does_not_make_the_fast_ones_wait(tmp_p
     fleet = fleet_local(
         out,
         3,
+        "--no-warm-spare",  # no island dies: no restart to keep a spare for
         "--fleet.budget=seconds:1.0",
         f"--fleet.rounds={count}",
         # Round 1 waits for every island, however far apart they come up (FAST's 2 s would
@@ -234,7 +235,13 @@ def test_a_slow_island_with_a_time_budget_does_not_make_the_fast_ones_wait(tmp_p
 def test_a_mismatched_island_is_refused_by_name(tmp_path):
     out = tmp_path / "fleet"
     fleet = fleet_local(
-        out, 2, "--train.steps=20", "--fleet.budget=steps:10", "--for", "b:model.n_layers=3"
+        out,
+        2,
+        "--no-warm-spare",  # refused at once: no restart to keep a spare for
+        "--train.steps=20",
+        "--fleet.budget=steps:10",
+        "--for",
+        "b:model.n_layers=3",
     )
     assert fleet.wait() == 3  # refused by the fleet (ostinato.errors): the fleet stops with it
     assert "refused island 'b'" in fleet.output
@@ -259,7 +266,12 @@ def test_an_unreachable_coordinator_is_a_clear_error(tmp_path):
 def test_a_fleet_resumes_from_its_checkpoint(tmp_path):
     out = tmp_path / "fleet"
     first = fleet_local(
-        out, 2, "--train.steps=40", "--fleet.budget=steps:10", "--fleet.checkpoint_every=2"
+        out,
+        2,
+        "--no-warm-spare",  # no island dies: no restart to keep a spare for
+        "--train.steps=40",
+        "--fleet.budget=steps:10",
+        "--fleet.checkpoint_every=2",
     )
     assert first.wait() == 0, first.output[-3000:]
     assert (out / "fleet" / "checkpoints").is_dir()
@@ -268,6 +280,7 @@ def test_a_fleet_resumes_from_its_checkpoint(tmp_path):
     more = fleet_local(
         out,
         2,
+        "--no-warm-spare",  # no island dies: no restart to keep a spare for
         "--train.steps=60",
         "--fleet.budget=steps:10",
         "--fleet.checkpoint_every=2",
@@ -287,6 +300,7 @@ def test_a_streaming_fleet_with_overlap_ends_on_the_same_parameters(tmp_path):
     fleet = fleet_local(
         out,
         2,
+        "--no-warm-spare",  # no island dies: no restart to keep a spare for
         "--train.steps=40",
         "--fleet.budget=steps:10",
         "--fleet.fragments=2",
