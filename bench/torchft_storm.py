@@ -37,6 +37,7 @@ from torchft_vs_fleet import (
     RECIPE,
     CheckpointCopier,
     Side,
+    Tail,
     finish,
     fleet_options,
     make_venv,
@@ -119,26 +120,35 @@ def drive(replicas: Replicas, progress, storm: list, tick, timeout: float) -> fl
 
 def ostinato_progress(out: Path):
     """Rounds the fleet committed, once every island has trained a step (None before)."""
+    events = {n: Tail(out / n / "events.jsonl") for n in NAMES}
+    rounds, trained, committed = Tail(out / "rounds.jsonl"), set(), 0
 
     def progress() -> int | None:
-        if not all(
-            any(r.get("kind") == "compute" for r in read_jsonl(out / n / "events.jsonl"))
-            for n in NAMES
-        ):
+        nonlocal committed
+        for name, tail in events.items():
+            if name not in trained and any(r.get("kind") == "compute" for r in tail.new_rows()):
+                trained.add(name)
+        if len(trained) < len(NAMES):
             return None
-        return len(read_jsonl(out / "rounds.jsonl"))
+        committed += len(rounds.new_rows())
+        return committed
 
     return progress
 
 
 def torchft_progress(out: Path):
     """Syncs committed by the replica furthest on, once every replica has trained a step."""
+    logs = {n: Tail(out / f"{n}.steps.jsonl") for n in NAMES}
+    trained, committed = set(), dict.fromkeys(NAMES, 0)
 
     def progress() -> int | None:
-        logs = [read_jsonl(out / f"{n}.steps.jsonl") for n in NAMES]
-        if not all(any("step" in r for r in rows) for rows in logs):
+        for name, tail in logs.items():
+            for row in tail.new_rows():
+                trained.update([name] if "step" in row else [])
+                committed[name] += bool(row.get("committed"))
+        if len(trained) < len(NAMES):
             return None
-        return max(sum(1 for r in rows if r.get("committed")) for rows in logs)
+        return max(committed.values())
 
     return progress
 
@@ -290,6 +300,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--venv", default="/tmp/torchft-venv", help="torchft's own venv")
     parser.add_argument("--make-venv", action="store_true", help="create --venv if missing")
     parser.add_argument("--sides", nargs="+", default=["ostinato", "torchft"])
+    parser.add_argument(
+        "--fleet-checkpoint-every",
+        type=int,
+        default=5,
+        help="rounds between fleet checkpoints: the fleet's default; the final loss needs only "
+        "the last, which is always written (torchft's replicas write none)",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/bench/torchft_storm"))
     return parser.parse_args()
 

@@ -152,17 +152,44 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
+class Tail:
+    """The rows appended to a JSON-lines file since the last call. The bench polls the logs of
+    both sides many times a second while they train on the same cores: reading each whole file
+    every time cost up to a third of a core by the end of a run, and more for the side that
+    logs more lines, so it skewed the very step times it measures."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset = path, 0
+
+    def new_rows(self) -> list[dict]:
+        try:
+            with self.path.open("rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            return []
+        whole = chunk[: chunk.rfind(b"\n") + 1]  # a line still being written waits
+        self.offset += len(whole)
+        rows = []
+        for line in whole.splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                pass  # a line torn by a kill
+        return rows
+
+
 def wait_for_step(
     path: Path, step: int, procs: list[subprocess.Popen], timeout: float, tick=None
 ) -> None:
     """Poll a replica's per-step log until it has logged `step` (or give up)."""
-    deadline = time.monotonic() + timeout
+    deadline, tail = time.monotonic() + timeout, Tail(path)
     while time.monotonic() < deadline:
         if tick is not None:
             tick()
         if any(p.poll() is not None for p in procs):
             raise SystemExit(f"a process exited before step {step}; see the logs in {path.parent}")
-        if any(r.get("step", 0) >= step for r in read_jsonl(path)[-3:]):
+        if any(r.get("step", 0) >= step for r in tail.new_rows()):
             return
         time.sleep(0.01)
     raise SystemExit(f"no step {step} in {path} within {timeout:.0f} s")
@@ -206,7 +233,7 @@ def fleet_options(args: argparse.Namespace) -> list[str]:
         f"--fleet.heartbeat_timeout_s={args.detect_s}",
         f"--fleet.grace_s={args.detect_s}",
         f"--fleet.timeout_s={args.timeout_s}",
-        "--fleet.checkpoint_every=1",  # the global parameters of every round, for the loss curve
+        f"--fleet.checkpoint_every={args.fleet_checkpoint_every}",
     ]
 
 
@@ -773,6 +800,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--venv", default="/tmp/torchft-venv", help="torchft's own venv")
     parser.add_argument("--make-venv", action="store_true", help="create --venv if missing")
     parser.add_argument("--skip-torchft", action="store_true", help="run the ostinato side only")
+    parser.add_argument(
+        "--fleet-checkpoint-every",
+        type=int,
+        default=1,
+        help="rounds between fleet checkpoints: every round gives the loss curve every point",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="runs of each side, alternating")
     parser.add_argument("--out", type=Path, default=None, help="keep the runs here")
     return parser.parse_args()

@@ -70,6 +70,9 @@ class Coordinator:
         self.liveness = LivenessServer(wire.split_address(bind)[0], self.token)
         self.keys.put(LIVENESS_KEY, {"port": self.liveness.port})
         self.round = RoundState()
+        self.news = wire.Watch(self.keys, wire.NEWS)
+        self.advanced_at: tuple = ()  # the round's (number, attempt, phase, finished) last advanced
+        self.writes_announced = 0
         # Every store request of a tick costs the coordinator's core; on a box the islands
         # share, polling all of them every TICK_S took ~11% of a core.
         self.slow_tick_s, self.last_slow_tick = SLOW_TICK_S, float("-inf")
@@ -117,9 +120,11 @@ class Coordinator:
         self.liveness.close()
 
     def tick(self) -> None:
-        for island, nonce, died in self.liveness.poll():  # every tick: a death is news
-            if died:
-                self.membership.connection_lost(island, nonce, self.finished)
+        """Every TICK_S: deaths, and the round if a member wrote news (wire.NEWS); every
+        SLOW_TICK_S: knocks, heartbeats, health, and the round's deadlines."""
+        deaths = [event for event in self.liveness.poll() if event[2]]
+        for island, nonce, _ in deaths:  # every tick: a death is news
+            self.membership.connection_lost(island, nonce, self.finished)
         now = time.monotonic()
         slow = now - self.last_slow_tick >= self.slow_tick_s
         if slow:
@@ -129,14 +134,25 @@ class Coordinator:
             self.membership.watch_health(self.finished)
             self.membership.read_heal_failures()
             self.prompt_heals.confirm(lambda name: name in self._alive(), self.last_committed)
-        if self._settled():
+        news = self.news.moved()
+        where = (self.round.number, self.round.attempt, self.round.phase, self.finished)
+        if self._settled() and (slow or news or deaths or where != self.advanced_at):
             if slow and not self.finished and self.round.phase == "collect":
                 self._demote_late_islands()
             self._advance()
+            self.advanced_at = where  # a round that moved is looked at again next tick
         where = (self.round.number, self.round.attempt, self.round.phase, self.finished)
         if slow or where != self.published_at:  # a round's progress is shown at once
             self.published_at = where
             self._publish_status()
+        self._announce_writes()
+
+    def _announce_writes(self) -> None:
+        """Members waiting on the coordinator read one counter, not every key (wire.ORDERS)."""
+        writes = self.keys.writes + self.public.writes
+        if writes != self.writes_announced:
+            self.keys.bump(wire.ORDERS)
+            self.writes_announced = writes
 
     def _recall_committed_rounds(self) -> None:
         """A restarted coordinator continues from its own log of committed rounds."""

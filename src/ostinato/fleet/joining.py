@@ -124,10 +124,12 @@ class Joining:
 
     def _wait_for(self, probe, what: str, timeout: float | None = None):
         deadline = time.monotonic() + (timeout or self.cfg.connect_timeout_s)
+        orders = wire.Watch(self.keys, wire.ORDERS)
         while time.monotonic() < deadline:
-            value = probe()
-            if value is not None:
-                return value
+            if orders.moved():
+                value = probe()
+                if value is not None:
+                    return value
             time.sleep(POLL_S)
         # transient (exit 4): the supervisor restarts the island, which knocks again
         raise wire.Unreachable(f"fleet: no {what} from the coordinator within the timeout")
@@ -212,6 +214,7 @@ class Joining:
         heal = {"island": str(asked["island"]), "nonce": str(asked["nonce"])}
         order = {"round": self.round_have, "donor": self.island, "final": False, "now": True}
         self.keys.put(f"heal/{heal['island']}/{heal['nonce']}", order)
+        self.keys.bump(wire.ORDERS)  # the joiner waits for this order, not only the coordinator's
         state = self.outer.as_tensor().clone()
         self.serving = threading.Thread(
             target=self._send_heal, args=(heal, self.round_have, state), daemon=True
@@ -235,6 +238,7 @@ class Joining:
     def _serve_heal(self, heal: dict[str, Any], round_number: int, final: bool) -> None:
         order = {"round": round_number, "donor": self.island, "final": final}
         self.keys.put(f"heal/{heal['island']}/{heal['nonce']}", order)
+        self.keys.bump(wire.ORDERS)  # the joiner waits for this order, not only the coordinator's
         self._send_heal(heal, round_number, self.outer.as_tensor())
 
     def _send_heal(self, heal: dict[str, Any], round_number: int, state: torch.Tensor) -> None:

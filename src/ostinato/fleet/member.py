@@ -156,8 +156,13 @@ class FleetMember(Joining):
         assert pseudo_gradient.numel() == self.outer.size(self.fragment(number))
         ready = {"tokens": tokens, "data": data, "nonce": self.nonce}
         self.keys.put(f"ready/{number}/{self.island}", ready)
+        self.keys.bump(wire.NEWS)
         waited, tried = time.perf_counter(), -1
+        orders = wire.Watch(self.keys, wire.ORDERS)
         while True:
+            if not orders.moved():
+                time.sleep(POLL_S)
+                continue
             record = self.keys.get(f"round/{number}")
             order = self.keys.get(f"heal/{self.island}/{self.nonce}")
             if order and order["round"] > max(self.round_have, self.refused_heal):
@@ -212,6 +217,7 @@ class FleetMember(Joining):
         self.keys.put(
             f"result/{number}/{attempt}/{self.island}", {**result, "exchange_s": exchange_s}
         )
+        self.keys.bump(wire.NEWS)
         decision = self._wait_for(lambda: self._decision(number, attempt), "decision", 3600.0)
         if decision.get("decision") != "commit":
             self.outer.abort()
@@ -280,9 +286,12 @@ class FleetMember(Joining):
 
         worker = threading.Thread(target=gather, daemon=True, name="ostinato-exchange")
         worker.start()
+        orders = wire.Watch(self.keys, wire.ORDERS)
         while worker.is_alive():
             worker.join(POLL_S * 10)
-            if worker.is_alive() and self._decision(number, attempt) is not None:
+            if not (worker.is_alive() and orders.moved()):
+                continue
+            if self._decision(number, attempt) is not None:
                 raise RuntimeError(f"the coordinator ended round {number} attempt {attempt}")
         if "error" in outcome:
             raise outcome["error"]

@@ -169,15 +169,30 @@ def connect(address: str, wait_s: float) -> dist.TCPStore:
             time.sleep(0.2)
 
 
+# Counters that say "something changed, read again": a poller reads one counter (one round trip)
+# instead of every key it waits on (two round trips each: check, then get). On a box the islands
+# share, the coordinator's and the waiting members' polls took cores the training steps needed.
+NEWS = "news"  # bumped by a member after it writes what the coordinator waits on (ready, result)
+ORDERS = "orders"  # bumped by the coordinator after a tick in which it wrote or deleted keys
+
+
 class Keys:
     """JSON get/set on a prefixed view of the store."""
 
     def __init__(self, store: dist.Store, prefix: str):
         self.store = store
         self.view = dist.PrefixStore(prefix, store)
+        self.writes = 0  # puts and deletes through this view, so a writer knows to bump ORDERS
 
     def put(self, key: str, value: Any) -> None:
         self.view.set(key, json.dumps(value))
+        self.writes += 1
+
+    def counter(self, key: str) -> int:
+        return self.view.add(key, 0)
+
+    def bump(self, key: str) -> None:
+        self.view.add(key, 1)
 
     def has(self, key: str) -> bool:
         return self.view.check([key])
@@ -190,3 +205,24 @@ class Keys:
     def delete(self, *keys: str) -> None:
         for key in keys:
             self.view.delete_key(key)
+        self.writes += len(keys)
+
+
+class Watch:
+    """Whether a counter (NEWS, ORDERS) moved since the last look: a poller reads the keys it
+    waits on only then. It looks anyway every `every_s`, so a counter that a restarted
+    coordinator began again (and could bring back to the same count) delays nothing for long.
+    The first call always says yes: what was written before the wait began is read at once."""
+
+    def __init__(self, keys: Keys, key: str, every_s: float = 1.0):
+        self.keys, self.key, self.every_s = keys, key, every_s
+        self.seen: int | None = None
+        self.looked_at = float("-inf")
+
+    def moved(self) -> bool:
+        now = time.monotonic()
+        count = self.keys.counter(self.key)  # read before the keys, so no change slips between
+        if count == self.seen and now - self.looked_at < self.every_s:
+            return False
+        self.seen, self.looked_at = count, now
+        return True
