@@ -9,13 +9,17 @@ are struck the same number of times at the same points of the run, however fast 
 script sends them (SIGKILL the replica's process, start it again at once, as a supervisor would).
 Each side also runs the same rounds without faults. All of it is repeated for each of --seeds.
 
+Three replicas share the machine's cores, so anything else that runs takes time from their steps:
+the fleet writes its checkpoint at its default cadence (--fleet-checkpoint-every 5; torchft's
+replicas write none), and this script follows the logs by their new lines only (Tail).
+
 Printed per side and seed: wall time to commit all rounds (storm and fault-free), their ratio (the
 fleet's goodput under the storm: fault-free time over storm time), the share of replica-seconds
 spent on inner steps whose work reached a committed round, inner steps discarded, and the final
 validation loss; then the median and the range over the seeds of each.
 
     .venv/bin/python bench/torchft_storm.py [--rounds 40] [--kills 8] [--seeds 1 2 3]
-        [--venv /tmp/torchft-venv --make-venv] [--out DIR]
+        [--fleet-checkpoint-every 5] [--venv /tmp/torchft-venv --make-venv] [--out DIR]
 """
 
 from __future__ import annotations
@@ -247,7 +251,11 @@ def value_of(got: dict, run: str | None, key: str) -> float | None:
 
 
 def fmt(value, spec: str = ".2f") -> str:
-    return "-" if value is None else format(value, spec)
+    if value is None:
+        return "-"
+    if spec == "d" and value != int(value):  # the median of an even number of counts
+        return format(value, ".1f")
+    return format(int(value) if spec == "d" else value, spec)
 
 
 def spread(values: list, spec: str) -> str:

@@ -743,3 +743,27 @@ def test_with_no_member_alive_a_joiner_restores_and_carries_the_fleet_on(make_co
     done = drive(coordinator, [b, c], decided(coordinator, 2, 0))
     assert done["decision"] == "commit"
     assert [h["island"] for h in done["heal"]] == ["c"] and done["heal"][0]["donor"] == "b"
+
+
+# --- cost of a tick ---------------------------------------------------------------------------
+
+
+def test_watch_moves_with_its_counter_and_looks_again_after_a_while(make_coordinator):
+    coordinator = make_coordinator()
+    keys = Island(coordinator, "a").keys
+    watch = wire.Watch(keys, wire.ORDERS, every_s=0.2)
+    assert watch.moved()  # the first look always reads: a wait reads what was written before it
+    assert not watch.moved()
+    keys.bump(wire.ORDERS)
+    assert watch.moved() and not watch.moved()
+    time.sleep(0.25)
+    assert watch.moved()  # a counter a restarted coordinator began again delays nothing for long
+
+
+def test_the_coordinator_bumps_orders_after_a_tick_that_wrote(make_coordinator):
+    coordinator = make_coordinator()
+    a = Island(coordinator, "a")
+    before = a.keys.counter(wire.ORDERS)
+    a.knock(coordinator)  # the coordinator writes a challenge, then a reply
+    after = a.keys.counter(wire.ORDERS)
+    assert after > before

@@ -15,10 +15,19 @@ import time
 
 import pytest
 
+from ostinato.fleet import wire
 from ostinato.fleet.coordinator import Coordinator
 from ostinato.fleet.guards import read_guard_log
 from ostinato.fleet.liveness import KEY, LivenessLink, hello_mac
-from tests.unit.test_coordinator import TOKEN, Island, decided, drive, fleet_cfg, planned
+from tests.unit.test_coordinator import (
+    TOKEN,
+    Island,
+    decided,
+    drive,
+    fleet_cfg,
+    planned,
+    record,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -167,3 +176,39 @@ def test_a_forged_replayed_or_oversized_hello_attaches_nothing(coordinator):
         coordinator.tick()
         time.sleep(0.01)
     assert not coordinator.islands["a"].closed and link.sock is not None
+
+
+class CountingKeys(wire.Keys):
+    """A coordinator's keys that count its reads (each is one or two store round trips)."""
+
+    def __init__(self, keys: wire.Keys):
+        super().__init__(keys.store, "")
+        self.view, self.writes, self.reads = keys.view, keys.writes, 0
+
+    def get(self, key: str, default=None):
+        self.reads += 1
+        return super().get(key, default)
+
+
+def test_between_slow_ticks_only_news_makes_the_coordinator_read_the_round(coordinator):
+    """The coordinator sleeps on the liveness connections between slow ticks: it reads no store
+    key while the islands train, and a ready mark is seen once the island sends its news."""
+    islands = linked(coordinator, "a", "b")
+    counting = CountingKeys(coordinator.keys)
+    coordinator.keys = coordinator.membership.keys = counting
+    coordinator.slow_tick_s, coordinator.last_slow_tick = 3600.0, time.monotonic()
+    coordinator.tick()  # the round as it stands, once
+    counting.reads = 0
+    for _ in range(5):
+        coordinator.tick()
+    assert counting.reads == 0
+    for island, _ in islands.values():  # written, no news yet: unseen
+        island.ready(1)
+    coordinator.tick()
+    assert counting.reads == 0 and record(coordinator, 1) is None
+    started = time.monotonic()
+    islands["a"][1].news()
+    coordinator._wait(time.monotonic())  # woken by the news, not by the hour-long slow tick
+    assert time.monotonic() - started < 5.0
+    coordinator.tick()
+    assert record(coordinator, 1) == {"attempt": 0, "members": ["a", "b"]}

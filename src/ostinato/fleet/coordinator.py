@@ -30,7 +30,7 @@ from ostinato.fleet.streaming import fragment_of
 from ostinato.jsonl import append_jsonl, read_jsonl
 
 log = logging.getLogger("ostinato")
-TICK_S = 0.01  # rounds: readiness and results are polled this often
+TICK_S = 0.01  # the shortest wait between two ticks (news, deaths and a moving round wake it)
 SLOW_TICK_S = 0.1  # knocks, heartbeats, health and status: none needs a faster answer
 KEPT_ROUNDS = 2  # committed rounds whose keys stay: a member may still be reading the last one
 
@@ -70,7 +70,6 @@ class Coordinator:
         self.liveness = LivenessServer(wire.split_address(bind)[0], self.token)
         self.keys.put(LIVENESS_KEY, {"port": self.liveness.port})
         self.round = RoundState()
-        self.news = wire.Watch(self.keys, wire.NEWS)
         self.advanced_at: tuple = ()  # the round's (number, attempt, phase, finished) last advanced
         self.writes_announced = 0
         # Every store request of a tick costs the coordinator's core; on a box the islands
@@ -108,19 +107,29 @@ class Coordinator:
         """
         quiet_since = None
         while quiet_since is None or time.monotonic() - quiet_since < self.cfg.connect_timeout_s:
+            ticked = time.monotonic()
             self.tick()
-            time.sleep(TICK_S)
+            self._wait(ticked)
             if not (self.finished and not self._alive()):
                 quiet_since = None
             elif quiet_since is None:
                 quiet_since = time.monotonic()
+
+    def _wait(self, ticked: float) -> None:
+        """Sleep until a liveness connection speaks (news, a death, a hello) or the next slow
+        tick is due; a round that just moved is looked at again after TICK_S. Never more often
+        than every TICK_S, however much an island says."""
+        moving = (self.round.number, self.round.attempt, self.round.phase, self.finished)
+        due = self.last_slow_tick + self.slow_tick_s - time.monotonic()
+        self.liveness.wait(TICK_S if moving != self.advanced_at else max(0.0, due))
+        time.sleep(max(0.0, TICK_S - (time.monotonic() - ticked)))
 
     def close(self) -> None:
         """Stop listening (the store goes with the object)."""
         self.liveness.close()
 
     def tick(self) -> None:
-        """Every TICK_S: deaths, and the round if a member wrote news (wire.NEWS); every
+        """On every wake-up (`_wait`): deaths, and the round if a member sent news; every
         SLOW_TICK_S: knocks, heartbeats, health, and the round's deadlines."""
         deaths = [event for event in self.liveness.poll() if event[2]]
         for island, nonce, _ in deaths:  # every tick: a death is news
@@ -134,7 +143,7 @@ class Coordinator:
             self.membership.watch_health(self.finished)
             self.membership.read_heal_failures()
             self.prompt_heals.confirm(lambda name: name in self._alive(), self.last_committed)
-        news = self.news.moved()
+        news = self.liveness.take_news()
         where = (self.round.number, self.round.attempt, self.round.phase, self.finished)
         if self._settled() and (slow or news or deaths or where != self.advanced_at):
             if slow and not self.finished and self.round.phase == "collect":
@@ -282,9 +291,12 @@ class Coordinator:
     def _demote_late_islands(self) -> None:
         """A member ready for an already committed round missed it: it must be healed."""
         for view in self.islands.values():
-            late = self._ready(self.last_committed, view.name)
             current = view.name in self.last_members or view.name in self.last_healed
-            if view.role == "member" and late and not current:
+            if (
+                view.role == "member"
+                and not current
+                and self._ready(self.last_committed, view.name)
+            ):
                 view.role = "joiner"
 
     def _watch_exchange(self) -> None:
@@ -409,4 +421,4 @@ class Coordinator:
             "finished": self.finished,
             "islands": self.membership.rows(),
         }
-        self.keys.put("status", status)
+        self.keys.put("status", status, announce=False)  # rewritten every slow tick

@@ -56,6 +56,10 @@ class Heartbeat(threading.Thread):
         the island trains, and is at `step`."""
         self.status.update(status, step=step, state="training")
 
+    def news(self) -> None:
+        """The island wrote what the coordinator waits on in a round: tell it now."""
+        self.link.news()
+
     def stop(self) -> None:
         self._stopping.set()
         if self.is_alive():

@@ -10,6 +10,10 @@ JSON line {"island", "nonce", "mac"}, the MAC under the fleet token over the cha
 stranger cannot attach a connection for an island and close it to have that island dropped, and
 a recorded hello is worth nothing on another connection. An island that leaves on purpose says
 "bye" first: its end-of-file is then a departure, not a death.
+
+The same connection carries news: one byte when the island has written what the coordinator waits
+on in a round (ready, a result). The coordinator sleeps on these sockets between its slow ticks
+instead of polling the store, so it costs no core while the islands train, and answers at once.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import json
 import secrets
 import selectors
 import socket
+import threading
 import time
 from dataclasses import dataclass
 
@@ -29,6 +34,7 @@ MAX_HELLO_BYTES = 1024  # a hello is ~150 bytes; more is junk
 HELLO_WAIT_S = 10.0  # a connection that says nothing for this long is dropped
 MAX_PENDING = 256  # connections not yet attached; the oldest is dropped beyond that
 BYE = b"bye\n"
+NEWS = b"n"  # the island wrote what the coordinator waits on: look at the round now
 
 
 def hello_mac(token: str, island: str, nonce: str, challenge: str) -> str:
@@ -51,7 +57,8 @@ class _Attached:
 
 class LivenessServer:
     """The coordinator's side: accepts and checks hellos; `poll()` returns the connections that
-    ended since the last call, as (island, nonce, died) with died False for a "bye"."""
+    ended since the last call, as (island, nonce, died) with died False for a "bye"; `news` says
+    whether an attached island sent news since `take_news()` last cleared it."""
 
     def __init__(self, host: str, token: str):
         self.token = token
@@ -62,6 +69,7 @@ class LivenessServer:
         self.pending: dict[socket.socket, _Pending] = {}
         self.attached: dict[socket.socket, _Attached] = {}
         self.current: dict[tuple[str, str], socket.socket] = {}  # (island, nonce) -> connection
+        self.news = False
 
     @property
     def port(self) -> int:
@@ -76,6 +84,14 @@ class LivenessServer:
                 ended += self._read(key.fileobj)
         self._drop_silent()
         return ended
+
+    def wait(self, timeout: float) -> None:
+        """Until a connection has something to say (a hello, news, its end) or `timeout`."""
+        self.selector.select(timeout=timeout)
+
+    def take_news(self) -> bool:
+        news, self.news = self.news, False
+        return news
 
     def connected(self, island: str, nonce: str) -> bool:
         return (island, nonce) in self.current
@@ -116,6 +132,7 @@ class LivenessServer:
         attached = self.attached[conn]
         if data:
             attached.leaving = attached.leaving or BYE in data
+            self.news = self.news or NEWS in data
             return []
         self._forget(conn)
         return [(attached.island, attached.nonce, not attached.leaving)]
@@ -166,47 +183,66 @@ class LivenessServer:
 
 class LivenessLink:
     """The island's side: one connection, attached under the island's current nonce, and
-    re-made when the nonce changes (a new knock) or the coordinator went away (a restart)."""
+    re-made when the nonce changes (a new knock) or the coordinator went away (a restart). The
+    heartbeat thread keeps it; the trainer's thread sends news on it."""
 
     def __init__(self, coordinator: str, token: str, island: str):
         self.coordinator = coordinator
         self.token, self.island = token, island
         self.sock: socket.socket | None = None
         self.nonce = ""
+        self.lock = threading.RLock()
 
     def keep(self, keys: wire.Keys, nonce: str) -> None:
         """Make sure a connection under `nonce` is open (cheap when it is)."""
-        if self.sock is not None and self.nonce == nonce and not self._ended():
+        with self.lock:
+            if self.sock is not None and self.nonce == nonce and not self._ended():
+                return
+            self.close()
+            published = keys.get(KEY)
+            if published is None or not nonce:
+                return  # a coordinator without a liveness port: heartbeats alone
+            host = wire.split_address(self.coordinator)[0]
+            sock = socket.create_connection((host, int(published["port"])), timeout=2.0)
+            try:
+                challenge = _read_line(sock).decode()
+                mac = hello_mac(self.token, self.island, nonce, challenge)
+                hello = {"island": self.island, "nonce": nonce, "mac": mac}
+                sock.sendall((json.dumps(hello) + "\n").encode())
+            except (OSError, UnicodeDecodeError):
+                sock.close()
+                raise
+            self.sock, self.nonce = sock, nonce
+
+    def news(self) -> None:
+        """One byte: look at the round now. Never waits: while the heartbeat thread re-makes the
+        connection, or when there is none, the news is dropped and the coordinator's next slow
+        tick (a tenth of a second) reads the store anyway."""
+        if not self.lock.acquire(blocking=False):
             return
-        self.close()
-        published = keys.get(KEY)
-        if published is None or not nonce:
-            return  # a coordinator without a liveness port: heartbeats alone
-        host = wire.split_address(self.coordinator)[0]
-        sock = socket.create_connection((host, int(published["port"])), timeout=2.0)
         try:
-            challenge = _read_line(sock).decode()
-            mac = hello_mac(self.token, self.island, nonce, challenge)
-            hello = {"island": self.island, "nonce": nonce, "mac": mac}
-            sock.sendall((json.dumps(hello) + "\n").encode())
-        except (OSError, UnicodeDecodeError):
-            sock.close()
-            raise
-        self.sock, self.nonce = sock, nonce
+            if self.sock is not None:
+                self.sock.sendall(NEWS)
+        except OSError:
+            pass  # the heartbeat thread finds the connection ended and re-makes it
+        finally:
+            self.lock.release()
 
     def leave(self) -> None:
         """Say this island leaves on purpose, then close."""
-        if self.sock is not None:
-            try:
-                self.sock.sendall(BYE)
-            except OSError:
-                pass
-        self.close()
+        with self.lock:
+            if self.sock is not None:
+                try:
+                    self.sock.sendall(BYE)
+                except OSError:
+                    pass
+            self.close()
 
     def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-        self.sock = None
+        with self.lock:
+            if self.sock is not None:
+                self.sock.close()
+            self.sock = None
 
     def _ended(self) -> bool:
         """Whether the coordinator closed the connection (it restarted, or dropped us)."""

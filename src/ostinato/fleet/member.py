@@ -156,7 +156,7 @@ class FleetMember(Joining):
         assert pseudo_gradient.numel() == self.outer.size(self.fragment(number))
         ready = {"tokens": tokens, "data": data, "nonce": self.nonce}
         self.keys.put(f"ready/{number}/{self.island}", ready)
-        self.keys.bump(wire.NEWS)
+        self.heartbeat.news()
         waited, tried = time.perf_counter(), -1
         orders = wire.Watch(self.keys, wire.ORDERS)
         while True:
@@ -217,7 +217,7 @@ class FleetMember(Joining):
         self.keys.put(
             f"result/{number}/{attempt}/{self.island}", {**result, "exchange_s": exchange_s}
         )
-        self.keys.bump(wire.NEWS)
+        self.heartbeat.news()
         decision = self._wait_for(lambda: self._decision(number, attempt), "decision", 3600.0)
         if decision.get("decision") != "commit":
             self.outer.abort()

@@ -169,11 +169,12 @@ def connect(address: str, wait_s: float) -> dist.TCPStore:
             time.sleep(0.2)
 
 
-# Counters that say "something changed, read again": a poller reads one counter (one round trip)
-# instead of every key it waits on (two round trips each: check, then get). On a box the islands
-# share, the coordinator's and the waiting members' polls took cores the training steps needed.
-NEWS = "news"  # bumped by a member after it writes what the coordinator waits on (ready, result)
-ORDERS = "orders"  # bumped by the coordinator after a tick in which it wrote or deleted keys
+# Bumped by the coordinator after a tick in which it wrote or deleted keys (and by a donor after
+# its heal order): a waiting member reads this one counter (one round trip) instead of every key
+# it waits on (two each: check, then get). On a box the islands share, those polls took the
+# cores that the training steps needed. (The coordinator learns members' news from their
+# liveness connections: fleet/liveness.py.)
+ORDERS = "orders"
 
 
 class Keys:
@@ -184,9 +185,10 @@ class Keys:
         self.view = dist.PrefixStore(prefix, store)
         self.writes = 0  # puts and deletes through this view, so a writer knows to bump ORDERS
 
-    def put(self, key: str, value: Any) -> None:
+    def put(self, key: str, value: Any, announce: bool = True) -> None:
+        """announce=False: not counted for ORDERS (a key rewritten often that nobody waits on)."""
         self.view.set(key, json.dumps(value))
-        self.writes += 1
+        self.writes += announce
 
     def counter(self, key: str) -> int:
         return self.view.add(key, 0)
@@ -209,7 +211,7 @@ class Keys:
 
 
 class Watch:
-    """Whether a counter (NEWS, ORDERS) moved since the last look: a poller reads the keys it
+    """Whether a counter (ORDERS) moved since the last look: a poller reads the keys it
     waits on only then. It looks anyway every `every_s`, so a counter that a restarted
     coordinator began again (and could bring back to the same count) delays nothing for long.
     The first call always says yes: what was written before the wait began is read at once."""
