@@ -309,6 +309,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--make-venv", action="store_true", help="create --venv if missing")
     parser.add_argument("--sides", nargs="+", default=["ostinato", "torchft"])
     parser.add_argument(
+        "--island-checkpoint-every",
+        type=int,
+        default=None,
+        help="inner steps between an island's own checkpoints (default: H; 0: at the end only)",
+    )
+    parser.add_argument(
         "--fleet-checkpoint-every",
         type=int,
         default=5,

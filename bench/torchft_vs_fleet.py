@@ -94,11 +94,12 @@ class Side:
 
 
 def overrides(args: argparse.Namespace, tokenizer: Path) -> list[str]:
+    every = args.h if args.island_checkpoint_every is None else args.island_checkpoint_every
     return [
         *MODEL,
         f"train.steps={args.rounds * args.h}",
         f"train.batch_size={args.batch}",
-        f"checkpoint.every={args.h}",
+        f"checkpoint.every={every}",
         f"data.tokenizer={tokenizer}",
     ]
 
@@ -800,6 +801,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--venv", default="/tmp/torchft-venv", help="torchft's own venv")
     parser.add_argument("--make-venv", action="store_true", help="create --venv if missing")
     parser.add_argument("--skip-torchft", action="store_true", help="run the ostinato side only")
+    parser.add_argument(
+        "--island-checkpoint-every",
+        type=int,
+        default=None,
+        help="inner steps between an island's own checkpoints (default: H; 0: at the end only)",
+    )
     parser.add_argument(
         "--fleet-checkpoint-every",
         type=int,
