@@ -42,6 +42,7 @@ from torchft_vs_fleet import (
     CheckpointCopier,
     Side,
     Tail,
+    add_checkpoint_options,
     finish,
     fleet_options,
     make_venv,
@@ -308,19 +309,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--venv", default="/tmp/torchft-venv", help="torchft's own venv")
     parser.add_argument("--make-venv", action="store_true", help="create --venv if missing")
     parser.add_argument("--sides", nargs="+", default=["ostinato", "torchft"])
-    parser.add_argument(
-        "--island-checkpoint-every",
-        type=int,
-        default=None,
-        help="inner steps between an island's own checkpoints (default: H; 0: at the end only)",
-    )
-    parser.add_argument(
-        "--fleet-checkpoint-every",
-        type=int,
-        default=5,
-        help="rounds between fleet checkpoints: the fleet's default; the final loss needs only "
-        "the last, which is always written (torchft's replicas write none)",
-    )
+    why = "the fleet's own; the final loss needs only the last, which is always written"
+    add_checkpoint_options(parser, fleet_every=5, why=why)
     parser.add_argument("--out", type=Path, default=Path("runs/bench/torchft_storm"))
     return parser.parse_args()
 

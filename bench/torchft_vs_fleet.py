@@ -790,6 +790,23 @@ def print_details(side: Side | None) -> None:
 # --- main -----------------------------------------------------------------------------------
 
 
+def add_checkpoint_options(parser: argparse.ArgumentParser, fleet_every: int, why: str) -> None:
+    """How often the fleet's islands and the fleet itself write checkpoints (torchft's replicas
+    write none)."""
+    parser.add_argument(
+        "--island-checkpoint-every",
+        type=int,
+        default=None,
+        help="inner steps between an island's own checkpoints (default: H; 0: at the end only)",
+    )
+    parser.add_argument(
+        "--fleet-checkpoint-every",
+        type=int,
+        default=fleet_every,
+        help=f"rounds between fleet checkpoints (default {fleet_every}: {why})",
+    )
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--h", type=int, default=20, help="inner steps per round")
@@ -801,18 +818,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--venv", default="/tmp/torchft-venv", help="torchft's own venv")
     parser.add_argument("--make-venv", action="store_true", help="create --venv if missing")
     parser.add_argument("--skip-torchft", action="store_true", help="run the ostinato side only")
-    parser.add_argument(
-        "--island-checkpoint-every",
-        type=int,
-        default=None,
-        help="inner steps between an island's own checkpoints (default: H; 0: at the end only)",
-    )
-    parser.add_argument(
-        "--fleet-checkpoint-every",
-        type=int,
-        default=1,
-        help="rounds between fleet checkpoints: every round gives the loss curve every point",
-    )
+    add_checkpoint_options(parser, fleet_every=1, why="every round gives the loss curve")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each side, alternating")
     parser.add_argument("--out", type=Path, default=None, help="keep the runs here")
     return parser.parse_args()

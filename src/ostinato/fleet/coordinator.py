@@ -119,9 +119,8 @@ class Coordinator:
         """Sleep until a liveness connection speaks (news, a death, a hello) or the next slow
         tick is due; a round that just moved is looked at again after TICK_S. Never more often
         than every TICK_S, however much an island says."""
-        moving = (self.round.number, self.round.attempt, self.round.phase, self.finished)
         due = self.last_slow_tick + self.slow_tick_s - time.monotonic()
-        self.liveness.wait(TICK_S if moving != self.advanced_at else max(0.0, due))
+        self.liveness.wait(TICK_S if self._position != self.advanced_at else max(0.0, due))
         time.sleep(max(0.0, TICK_S - (time.monotonic() - ticked)))
 
     def close(self) -> None:
@@ -144,17 +143,21 @@ class Coordinator:
             self.membership.read_heal_failures()
             self.prompt_heals.confirm(lambda name: name in self._alive(), self.last_committed)
         news = self.liveness.take_news()
-        where = (self.round.number, self.round.attempt, self.round.phase, self.finished)
+        where = self._position
         if self._settled() and (slow or news or deaths or where != self.advanced_at):
             if slow and not self.finished and self.round.phase == "collect":
                 self._demote_late_islands()
             self._advance()
             self.advanced_at = where  # a round that moved is looked at again next tick
-        where = (self.round.number, self.round.attempt, self.round.phase, self.finished)
-        if slow or where != self.published_at:  # a round's progress is shown at once
-            self.published_at = where
+        if slow or self._position != self.published_at:  # a round's progress is shown at once
+            self.published_at = self._position
             self._publish_status()
         self._announce_writes()
+
+    @property
+    def _position(self) -> tuple:
+        """Where the round stands: (number, attempt, phase, finished)."""
+        return (self.round.number, self.round.attempt, self.round.phase, self.finished)
 
     def _announce_writes(self) -> None:
         """Members waiting on the coordinator read one counter, not every key (wire.ORDERS)."""
