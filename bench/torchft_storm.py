@@ -7,7 +7,9 @@ rounds, drawn from --seed: --kills SIGKILLs, each at a random replica once the s
 a given round (every third round at most, never in the first or the last fifth), so both sides
 are struck the same number of times at the same points of the run, however fast each is. The
 script sends them (SIGKILL the replica's process, start it again at once, as a supervisor would).
-Each side also runs the same rounds without faults. All of it is repeated for each of --seeds.
+Each side also runs the same rounds without faults (with --kills 0, only those: a measure of the
+inner step with the fleet around it). All of it is repeated for each of --seeds, the two sides
+back to back, in an order that alternates from run to run (run_order).
 
 Three replicas share the machine's cores, so anything else that runs takes time from their steps:
 the fleet writes its checkpoint at its default cadence (--fleet-checkpoint-every 5; torchft's
@@ -16,7 +18,8 @@ replicas write none), and this script follows the logs by their new lines only (
 Printed per side and seed: wall time to commit all rounds (storm and fault-free), their ratio (the
 fleet's goodput under the storm: fault-free time over storm time), the share of replica-seconds
 spent on inner steps whose work reached a committed round, inner steps discarded, and the final
-validation loss; then the median and the range over the seeds of each.
+validation loss; then the median and the range over the seeds of each, and the ratio of the two
+sides' median inner steps over the back-to-back pairs.
 
     .venv/bin/python bench/torchft_storm.py [--rounds 40] [--kills 8] [--seeds 1 2 3]
         [--fleet-checkpoint-every 5] [--venv /tmp/torchft-venv --make-venv] [--out DIR]
@@ -293,7 +296,14 @@ def print_table(results: dict[int, dict[str, dict[str, dict]]]) -> None:
         >= (value_of(results[s].get("torchft", {}), None, "ratio") or 0)
         for s in seeds
     ]
-    print(f"\nfleet goodput >= torchft's on {sum(wins)} of {len(seeds)} seeds")
+    if any("storm" in got.get("ostinato", {}) for got in results.values()):
+        print(f"\nfleet goodput >= torchft's on {sum(wins)} of {len(seeds)} seeds")
+    for run, label in (("clean", "fault-free"), ("storm", "storm")):
+        if ratios := step_ratios(results, run):
+            print(
+                f"median inner step, ostinato / torchft, {label}: {spread(ratios, '.3f')}"
+                f" over {len(ratios)} back-to-back pairs"
+            )
 
 
 def parse_args() -> argparse.Namespace:
@@ -321,8 +331,9 @@ def run_seed(args, cfg: list[str], seeds: dict, seed: int) -> dict[str, dict[str
     results: dict[str, dict[str, dict]] = {}
     (args.out / f"seed{seed}").mkdir()
     (args.out / f"seed{seed}" / "data.pt").symlink_to((args.out / "data.pt").resolve())
-    for run, faults in (("clean", []), ("storm", storm)):
-        for name in args.sides:
+    runs = [("clean", [])] + ([("storm", storm)] if args.kills else [])
+    for index, (run, faults) in enumerate(runs):
+        for name in run_order(args.sides, seed, index):
             run_dir = args.out / f"seed{seed}" / run / name
             run_dir.mkdir(parents=True)
             started = time.perf_counter()
@@ -335,6 +346,25 @@ def run_seed(args, cfg: list[str], seeds: dict, seed: int) -> dict[str, dict[str
             print(f"{name} {run}: {took:.0f} s, load {os.getloadavg()[0]:.1f}", flush=True)
             print(f"  {json.dumps(results[name][run])}", flush=True)
     return results
+
+
+def run_order(sides: list[str], seed: int, index: int) -> list[str]:
+    """Which side runs first alternates from run to run (ABBA over a seed's two runs, and the
+    next seed starts the other way), so a machine that drifts slower or faster over the bench
+    does not favour the side that always goes first."""
+    return list(sides) if (seed + index) % 2 else list(sides)[::-1]
+
+
+def step_ratios(results: dict[int, dict[str, dict[str, dict]]], run: str) -> list[float]:
+    """Per seed, ostinato's median inner step over torchft's in the same run: each pair ran
+    back to back, so the machine's drift over the bench cancels in the ratio."""
+    ratios = []
+    for got in results.values():
+        ours = value_of(got.get("ostinato", {}), run, "step_s")
+        theirs = value_of(got.get("torchft", {}), run, "step_s")
+        if ours and theirs:
+            ratios.append(ours / theirs)
+    return ratios
 
 
 def main() -> None:

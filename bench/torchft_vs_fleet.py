@@ -230,6 +230,7 @@ def fleet_options(args: argparse.Namespace) -> list[str]:
     return [
         f"--fleet.budget=steps:{args.h}",
         "--fleet.compression=fp32",
+        "--fleet.outer_lr=0.7",  # torchft's side: SGD(lr=0.7, momentum=0.9, nesterov=True)
         f"--fleet.heartbeat_s={HEARTBEAT_S}",
         f"--fleet.heartbeat_timeout_s={args.detect_s}",
         f"--fleet.grace_s={args.detect_s}",

@@ -124,7 +124,13 @@ class FleetConfig:
         "int8", "pseudo-gradients on the wire", choices=("fp32", "bf16", "int8", "int4")
     )
     block: int = option(128, "values per quantization block (one fp32 scale each)", ge=2)
-    outer_lr: float = option(0.7, "outer Nesterov SGD learning rate (DiLoCo: 0.7)", ge=0.0)
+    outer_lr: float | str = option(
+        "auto",
+        "outer Nesterov SGD learning rate; auto: from the number of islands "
+        "(fleet/outer.py: outer_lr_of)",
+        ge=0.0,
+        words=("auto",),
+    )
     outer_momentum: float = option(0.9, "outer Nesterov momentum (DiLoCo: 0.9)", ge=0.0, le=1.0)
     expect: int = option(
         0, "islands to wait for before the first round (0: whoever is there)", ge=0

@@ -1,7 +1,8 @@
 """Typed TOML tables: dataclass sections checked field by field, with `section.key=value` overrides.
 
 Shared by the training config and the planner's scenarios. A field declares its help text and
-rules (`choices`, `gt`, `ge`, `le`) with `option`; `build_sections` collects every problem as a
+rules (`choices`, `gt`, `ge`, `le`; `words` for a `float | str` field: a number or one of
+those words, such as "auto") with `option`; `build_sections` collects every problem as a
 line naming the field and what it allows, so the caller can raise them all in one error.
 """
 
@@ -11,7 +12,7 @@ import dataclasses
 import tomllib
 from typing import Any
 
-KINDS = {"int": int, "float": float, "bool": bool, "str": str}
+KINDS = {"int": int, "float": float, "bool": bool, "str": str, "float | str": float}
 
 
 def option(default: Any, help: str, **rules: Any) -> Any:
@@ -66,13 +67,17 @@ def _build_section(name: str, cls: type, table: dict[str, Any], errors: list[str
         if problem:
             errors.append(f"{name}.{key} = {value!r}: {problem}")
         else:
-            values[key] = KINDS[str(fields[key].type)](value)
+            values[key] = value if isinstance(value, str) else KINDS[str(fields[key].type)](value)
     return cls(**values)
 
 
 def check_value(f: dataclasses.Field, value: Any) -> str | None:
     """None if `value` suits field `f`, else what is wrong with it."""
     kind, rules = KINDS[str(f.type)], f.metadata
+    if "words" in rules and isinstance(value, str):
+        if value in rules["words"]:
+            return None
+        return f"allowed values: a number or {', '.join(rules['words'])} ({rules['help']})"
     numeric = isinstance(value, int | float) and not isinstance(value, bool)
     if kind is float and not numeric or kind is int and not (numeric and float(value).is_integer()):
         return f"must be {'a number' if kind is float else 'an integer'} ({rules['help']})"

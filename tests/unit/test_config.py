@@ -37,6 +37,22 @@ def test_every_bad_field_is_named_in_one_error():
     assert "[optim]: unknown section" in message
 
 
+def test_a_number_or_a_word_field():
+    """fleet.outer_lr takes a number or "auto", from a file or an override, and round-trips."""
+    assert load_config(None).fleet.outer_lr == "auto"
+    assert load_config(None, ["fleet.outer_lr=0.5"]).fleet.outer_lr == 0.5
+    assert load_config(None, ["fleet.outer_lr=1"]).fleet.outer_lr == 1.0
+    assert load_config(None, ["fleet.outer_lr=auto"]).fleet.outer_lr == "auto"
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, ["fleet.outer_lr=fast"])
+    assert "fleet.outer_lr = 'fast'" in str(caught.value)
+    assert "a number or auto" in str(caught.value)
+    with pytest.raises(ConfigError, match=r"fleet.outer_lr = -0.1: must be >= 0.0"):
+        load_config(None, ["fleet.outer_lr=-0.1"])
+    with pytest.raises(ConfigError, match="fleet.outer_lr = True: must be a number"):
+        load_config(None, ["fleet.outer_lr=true"])
+
+
 def test_shape_and_length_checks():
     with pytest.raises(ConfigError, match="n_kv_heads"):
         load_config(None, ["model.n_heads=4", "model.n_kv_heads=3"])

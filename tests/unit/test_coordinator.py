@@ -21,6 +21,7 @@ from ostinato.config import FleetConfig, GuardsConfig
 from ostinato.fleet import wire
 from ostinato.fleet.coordinator import Coordinator
 from ostinato.fleet.guards import read_guard_log
+from ostinato.fleet.joining import Refused
 from ostinato.fleet.member import FleetMember
 
 pytestmark = pytest.mark.timeout(60)
@@ -288,7 +289,7 @@ def test_malformed_knocks_are_ignored(make_coordinator):
         coordinator.tick()
     assert coordinator.islands == {}
     reply = poker.knock(coordinator)
-    assert reply == {"ok": True, "role": "member", "round": 1}
+    assert reply == {"ok": True, "role": "member", "round": 1, "outer_lr": 0.7}
 
 
 def test_invalid_utf8_on_the_knock_key_does_not_crash_the_coordinator(make_coordinator):
@@ -347,6 +348,32 @@ def test_unterminated_junk_does_not_swallow_the_next_knock(make_coordinator):
     assert errors == [] and member.role == "member"
 
 
+def test_the_coordinator_resolves_auto_outer_lr_once_for_every_island(make_coordinator):
+    """ "auto" in the recipe: the coordinator picks the rate from its fleet.expect and every
+    admitted island is given that number, which its outer optimizer then uses."""
+    coordinator = make_coordinator(expect=8)
+    auto = {**FINGERPRINT, "outer_lr": "auto"}
+    assert Island(coordinator, "a").knock(coordinator, fingerprint=auto)["outer_lr"] == 0.8
+    cfg = fleet_cfg(coordinator=f"127.0.0.1:{coordinator.port}", island="b", outer_lr="auto")
+    member = FleetMember(cfg, nn.Linear(2, 2), auto)
+    assert member.outer.lr == 0.6  # its own guess: it does not know the fleet's size
+    member._connect()
+    thread = threading.Thread(target=member._knock, args=(False,), daemon=True)
+    thread.start()
+    while thread.is_alive():
+        coordinator.tick()
+        time.sleep(0.01)
+    assert member.role == "member" and member.outer.lr == 0.8
+
+
+@pytest.mark.parametrize("sent", [float("nan"), float("inf"), -1.0, 1e9, "0.7", True, None])
+def test_a_member_refuses_an_outer_lr_that_is_no_rate(sent):
+    member = FleetMember(fleet_cfg(island="a"), nn.Linear(2, 2), dict(FINGERPRINT))
+    with pytest.raises(Refused, match="outer learning rate"):
+        member._take_outer_lr(sent)
+    assert member.outer.lr == 0.6
+
+
 # --- rounds -----------------------------------------------------------------------------------
 
 
@@ -354,7 +381,12 @@ def test_two_ready_members_commit_and_log_the_round(make_coordinator, tmp_path):
     coordinator = make_coordinator()
     a, b = Island(coordinator, "a"), Island(coordinator, "b")
     for island in (a, b):
-        assert island.knock(coordinator) == {"ok": True, "role": "member", "round": 1}
+        assert island.knock(coordinator) == {
+            "ok": True,
+            "role": "member",
+            "round": 1,
+            "outer_lr": 0.7,
+        }
     a.ready(1, tokens=100)
     b.ready(1, tokens=300)
     rec = drive(coordinator, [a, b], planned(coordinator, 1, 0))
@@ -438,7 +470,7 @@ def test_a_fresh_island_is_healed_by_a_member_never_becomes_the_donor(make_coord
     # "a" sorts first, so if joiners could be members it would be picked as the donor
     fresh = Island(coordinator, "a")
     reply = fresh.knock(coordinator)
-    assert reply == {"ok": True, "role": "joiner", "round": 2}
+    assert reply == {"ok": True, "role": "joiner", "round": 2, "outer_lr": 0.7}
     fresh.ready(2)  # even a joiner that says it is ready is not a member of round 2
     for island in (a, b):
         island.ready(2)
@@ -474,6 +506,7 @@ def test_coordinator_restart_loses_and_repeats_no_round(make_coordinator, tmp_pa
         "ok": True,
         "role": "member",
         "round": 3,
+        "outer_lr": 0.7,
     }
     # one that missed round 2 (it holds round 1) must be healed
     assert c.knock(second, round_have=1, reconnect=True)["role"] == "joiner"
@@ -507,6 +540,7 @@ def test_restart_learns_the_latest_round_whatever_the_knock_order(make_coordinat
         "ok": True,
         "role": "member",
         "round": 2,
+        "outer_lr": 0.7,
     }
     assert second.islands["b"].role == "joiner"
     a.ready(2)

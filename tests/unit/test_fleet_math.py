@@ -21,7 +21,7 @@ from ostinato.fleet.compress import (
 )
 from ostinato.fleet.island import FleetIsland, RoundClock, time_budget_step
 from ostinato.fleet.member import FleetMember
-from ostinato.fleet.outer import OuterState, digest, flatten
+from ostinato.fleet.outer import OuterState, digest, flatten, outer_lr_of
 from ostinato.model.llama import Llama
 
 pytestmark = pytest.mark.timeout(60)
@@ -224,6 +224,20 @@ def test_error_feedback_carry_adds_unsent_work():
 
 def fleet_cfg(**overrides) -> FleetConfig:
     return FleetConfig(**{"compression": "fp32", "island": "a", **overrides})
+
+
+def test_auto_outer_lr_follows_the_islands_expected():
+    """The paper's best outer rate by replicas (0.4 alone, 0.6 for 2-4, 0.8 from 8), from
+    fleet.expect; a number set in the config is used as it is."""
+    rates = {n: outer_lr_of(fleet_cfg(expect=n))[0] for n in (1, 2, 3, 4, 6, 8, 64)}
+    assert rates == {1: 0.4, 2: 0.6, 3: 0.6, 4: 0.6, 6: 0.7, 8: 0.8, 64: 0.8}
+    lr, why = outer_lr_of(fleet_cfg(expect=0))
+    assert lr == 0.6 and "2-4 assumed" in why
+    assert outer_lr_of(fleet_cfg(outer_lr=0.25, expect=8)) == (0.25, "fleet.outer_lr")
+    outer = OuterState(nn.Linear(2, 2), fleet_cfg(expect=8))
+    assert outer.lr == 0.8
+    outer.set_lr(0.5)
+    assert outer.optimizer.param_groups[0]["lr"] == 0.5
 
 
 def test_one_island_h1_fp32_lr1_no_momentum_is_plain_training():

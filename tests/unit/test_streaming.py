@@ -131,7 +131,7 @@ def test_one_fragment_is_plain_diloco_bit_for_bit():
     start = tiny_llama(0)
     models = [copy.deepcopy(start), copy.deepcopy(start)]
     members = [
-        FleetMember(fleet_cfg(island=name, outer_momentum=0.9), model, {})
+        FleetMember(fleet_cfg(island=name, outer_lr=0.7, outer_momentum=0.9), model, {})
         for name, model in zip("ab", models, strict=True)
     ]
     reference = nn.Parameter(flatten(start))

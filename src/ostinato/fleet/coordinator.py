@@ -11,6 +11,7 @@ loses no round. The keys of a round are deleted two rounds after it commits.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from ostinato.fleet.joining import heal_group
 from ostinato.fleet.liveness import KEY as LIVENESS_KEY
 from ostinato.fleet.liveness import LivenessServer
 from ostinato.fleet.membership import IslandView, Membership
+from ostinato.fleet.outer import outer_lr_of
 from ostinato.fleet.prompt_heal import PromptHeals
 from ostinato.fleet.round_guards import RoundGuards, round_record
 from ostinato.fleet.streaming import fragment_of
@@ -85,6 +87,7 @@ class Coordinator:
         self.finished_rounds: dict[int, tuple[RoundState, list[tuple[str, str]]]] = {}
         self.started = time.monotonic()
         self.finished = False
+        self._outer_lr: float | None = None
         self._recall_committed_rounds()
 
     @property
@@ -207,7 +210,22 @@ class Coordinator:
         self.islands[island] = IslandView(island, nonce, role, have, time.monotonic())
         if role == "joiner" and self.round.phase == "collect":
             self.prompt_heals.ask(self.islands[island], self._donors_now(), self.last_committed)
-        return {"ok": True, "role": role, "round": self.last_committed + 1}
+        return {
+            "ok": True,
+            "role": role,
+            "round": self.last_committed + 1,
+            "outer_lr": self.outer_lr,
+        }
+
+    @property
+    def outer_lr(self) -> float:
+        """The fleet's outer rate: the recipe's (the first island's without --config), "auto"
+        resolved here once, from this coordinator's fleet.expect, so every island uses one."""
+        if self._outer_lr is None:
+            configured = (self.fingerprint or {}).get("outer_lr", self.cfg.outer_lr)
+            self._outer_lr, why = outer_lr_of(dataclasses.replace(self.cfg, outer_lr=configured))
+            log.info("coordinator: outer learning rate %g (%s)", self._outer_lr, why)
+        return self._outer_lr
 
     def _donors_now(self) -> list[str]:
         """Members that can heal a joiner now: they hold the last committed round's state and

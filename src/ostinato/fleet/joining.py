@@ -107,8 +107,17 @@ class Joining:
                 f"the fleet coordinator refused island {self.island!r}: {reply['reason']}"
             )
         self.role = reply["role"]
+        self._take_outer_lr(reply.get("outer_lr"))
         self.heartbeat.nonce = self.nonce  # its liveness connection follows the admission
         log.info("fleet: joined as %s at round %d", self.role, reply["round"])
+
+    def _take_outer_lr(self, lr: Any) -> None:
+        """The outer rate the coordinator resolved for the fleet (fleet.outer_lr = "auto")."""
+        if not isinstance(lr, int | float) or isinstance(lr, bool) or not 0.0 <= lr <= 10.0:
+            raise Refused(f"the fleet coordinator sent an outer learning rate of {lr!r}")
+        if lr != self.outer.lr:
+            log.info("fleet: outer learning rate %g, as the coordinator resolved it", lr)
+        self.outer.set_lr(float(lr))
 
     def _knock_again(self, reply: dict[str, Any]) -> None:
         """Knock until the namesake counts as gone; refused if it is still alive by then."""

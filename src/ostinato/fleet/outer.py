@@ -21,6 +21,24 @@ from torch import nn
 from ostinato.config import FleetConfig
 from ostinato.fleet.streaming import fragment_cuts
 
+# The outer rate that "Scaling Laws for DiLoCo" (arXiv 2503.09799, Table 4: H = 30, 20 tokens
+# per parameter) found best by replicas; it did not depend on model size. Between 4 and 8
+# replicas it is interpolated.
+AUTO_OUTER_LR = {1: 0.4, 2: 0.6, 3: 0.6, 4: 0.6, 5: 0.65, 6: 0.7, 7: 0.75, 8: 0.8}
+ASSUMED_ISLANDS = 3  # fleet.expect = 0 ("whoever is there"): the 2-4 band
+
+
+def outer_lr_of(cfg: FleetConfig) -> tuple[float, str]:
+    """The outer learning rate a fleet of this config uses, and why: the number set, or for
+    "auto" the paper's best for the islands the fleet expects (fleet.expect). H is not taken
+    into account: the sweep behind the table ran at H = 30 only."""
+    if not isinstance(cfg.outer_lr, str):
+        return float(cfg.outer_lr), "fleet.outer_lr"
+    islands = cfg.expect or ASSUMED_ISLANDS
+    lr = AUTO_OUTER_LR[min(islands, max(AUTO_OUTER_LR))]
+    expected = f"{cfg.expect} islands expected" if cfg.expect else "fleet.expect = 0: 2-4 assumed"
+    return lr, f"auto: {expected} (Scaling Laws for DiLoCo, Table 4)"
+
 
 def unique_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Parameters in a fixed order, tied ones once."""
@@ -49,12 +67,21 @@ class OuterState:
         self.parts = [nn.Parameter(self.global_params[lo:hi]) for lo, hi in self.bounds]
         momentum = cfg.outer_momentum
         self.optimizer = torch.optim.SGD(
-            self.parts, lr=cfg.outer_lr, momentum=momentum, nesterov=momentum > 0
+            self.parts, lr=outer_lr_of(cfg)[0], momentum=momentum, nesterov=momentum > 0
         )
         self._undo: list[tuple[int, torch.Tensor, torch.Tensor | None]] | None = None
         # The training thread reads the global parameters (rollback, heal) while a streaming
         # exchange may step them in the background: each operation is atomic.
         self.lock = threading.RLock()
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def set_lr(self, lr: float) -> None:
+        """The rate the coordinator resolved for the whole fleet (given at admission)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
 
     @property
     def numel(self) -> int:
