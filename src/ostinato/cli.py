@@ -175,7 +175,11 @@ def chaos(
         str | None, typer.Option(help="Island names, comma-separated (default a,b,c...).")
     ] = None,
     compare: Annotated[
-        bool, typer.Option(help="Also run the fault-free fleet, for reference_loss.")
+        bool,
+        typer.Option(
+            help="First run the fault-free fleet on 3 train seeds (a step budget: equal "
+            "tokens), for reference_loss and its spread."
+        ),
     ] = False,
     for_island: Annotated[
         list[str] | None,

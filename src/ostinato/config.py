@@ -95,6 +95,15 @@ class TrainConfig:
     log_every: int = option(10, "steps between plain progress lines when not on a terminal", ge=1)
     eval_problems: int = option(50, "held-out problems answered at the end for the accuracy", ge=0)
     samples: int = option(3, "sample answers printed at the end", ge=0)
+    eval_every: int = option(
+        0, "steps between evaluations during training, into eval.jsonl (0: at the end only)", ge=0
+    )
+    eval_every_problems: int = option(
+        20, "held-out problems answered at each of those evaluations (0: loss only)", ge=0
+    )
+    tensorboard: bool = option(
+        False, "also write metrics for TensorBoard into RUN_DIR/tensorboard (the extra)"
+    )
 
 
 @dataclass
@@ -173,6 +182,11 @@ class FleetConfig:
         "local = mix * local + (1 - mix) * global (alpha of Streaming DiLoCo)",
         ge=0.0,
         le=1.0,
+    )
+    warm_start: str = option(
+        "",
+        "a run directory or checkpoint of `ostinato train` (same model) that every island "
+        "starts from, with its tokenizer, instead of the seeded init (DiLoCo's warm start)",
     )
 
 

@@ -24,13 +24,22 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from ostinato.curves import draw_loss
 from ostinato.errors import BadInput
 from ostinato.jsonl import read_jsonl
 
-SPAN_KINDS = ("compute", "exchange", "waiting", "checkpoint", "recovery", "discarded")
+SPAN_KINDS = (
+    "compute",
+    "exchange",
+    "waiting",
+    "checkpoint",
+    "evaluate",
+    "recovery",
+    "discarded",
+)
 # Losses hide what they overlap: steps later discarded were computed, but not kept; a checkpoint
 # or exchange stall counts as that stall even if a waiting span is open around it.
-PRECEDENCE = ("recovery", "discarded", "checkpoint", "exchange", "waiting", "compute")
+PRECEDENCE = ("recovery", "discarded", "checkpoint", "evaluate", "exchange", "waiting", "compute")
 CATEGORIES = (*SPAN_KINDS, "idle", "down")
 MARK_KINDS = ("fault", "detect", "recover")
 
@@ -39,6 +48,7 @@ _COLOURS = {
     "exchange": "#8fbbd9",
     "waiting": "#f2c45a",
     "checkpoint": "#9467bd",
+    "evaluate": "#bcbd22",
     "recovery": "#e377c2",
     "discarded": "#8c564b",
     "idle": "#e6e6e6",
@@ -268,7 +278,8 @@ def _lost_to_deaths(pieces) -> list[tuple[float, float, str]]:
 
 
 def summarize(run_or_fleet_dir: str | Path, title: str) -> Goodput:
-    """Account a finished run: goodput.json and timeline.png are kept in its directory."""
+    """Account a finished run: goodput.json, timeline.png and its learning curve, loss.png
+    (ostinato.curves), are kept in its directory."""
     folder = Path(run_or_fleet_dir)
     # A fleet whose islands all failed before logging anything still ends with their exit codes,
     # not with a missing file: its account is empty (no time, goodput 0).
@@ -276,4 +287,5 @@ def summarize(run_or_fleet_dir: str | Path, title: str) -> Goodput:
     goodput = account(events)
     (folder / "goodput.json").write_text(json.dumps(goodput.to_json(), indent=1))
     draw_timeline(events, folder / "timeline.png", title)
+    draw_loss(folder, folder / "loss.png", title)
     return goodput

@@ -270,6 +270,17 @@ def test_mismatched_island_is_refused_naming_each_field(make_coordinator):
     assert "model" not in reply["reason"]
 
 
+def test_islands_warm_started_from_other_checkpoints_are_refused(make_coordinator):
+    coordinator = make_coordinator()
+    started = {**FINGERPRINT, "warm_start": "0123456789abcdef"}
+    assert Island(coordinator, "a").knock(coordinator, fingerprint=started)["ok"] is True
+    other = {**FINGERPRINT, "warm_start": "fedcba9876543210"}
+    reply = Island(coordinator, "b").knock(coordinator, fingerprint=other)
+    assert reply["ok"] is False and "warm_start" in reply["reason"]
+    reply = Island(coordinator, "c").knock(coordinator, fingerprint=dict(FINGERPRINT))
+    assert reply["ok"] is False and "warm_start" in reply["reason"]  # the seeded init
+
+
 def test_malformed_knocks_are_ignored(make_coordinator):
     coordinator = make_coordinator()
     poker = Island(coordinator, "a")

@@ -38,9 +38,10 @@ FLEET = [
     mark("b", "recover", 11, "healed from a"),
     span("b", "compute", 11, 20),
     span("c", "compute", 10, 20),
+    span("c", "evaluate", 19, 20),  # an evaluation during training beats compute
 ]
 # b's compute 0-5 died with it (it never exchanged): discarded.
-EXPECTED = {"compute": 12 + 9 + 10, "exchange": 4, "waiting": 1, "checkpoint": 1,
+EXPECTED = {"compute": 12 + 9 + 9, "exchange": 4, "waiting": 1, "checkpoint": 1, "evaluate": 1,
             "recovery": 3 + 2, "discarded": 4 + 5, "idle": 2, "down": 4}  # fmt: skip
 
 
@@ -50,8 +51,8 @@ def test_fleet_seconds_are_exact():
     assert list(goodput.seconds) == list(CATEGORIES)
     assert goodput.island_s == pytest.approx(27 + 20 + 10)
     assert goodput.wall_s == pytest.approx(27)
-    assert goodput.goodput == pytest.approx(31 / 57)
-    assert json.loads(json.dumps(goodput.to_json()))["goodput"] == pytest.approx(31 / 57)
+    assert goodput.goodput == pytest.approx(30 / 57)
+    assert json.loads(json.dumps(goodput.to_json()))["goodput"] == pytest.approx(30 / 57)
 
 
 def test_order_of_events_does_not_matter():
@@ -146,7 +147,7 @@ def test_table_names_every_category():
     render_table(account(FLEET), console)
     text = console.export_text()
     assert all(category in text for category in CATEGORIES)
-    assert "goodput 54.4%" in text and "31.0" in text
+    assert "goodput 52.6%" in text and "30.0" in text
 
 
 def test_timeline_png_is_a_valid_image(tmp_path):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from ostinato.checkpoint.reader import load_trained
+from ostinato.curves import EVAL_FILE
 from ostinato.hardware import Placement
 from ostinato.train.metrics import read_metrics
 from ostinato.train.trainer import autocast_dtype, train
@@ -46,3 +47,62 @@ def test_metrics_have_the_contract_keys_at_full_precision(tmp_path):
     assert records[-1]["loss"] == result.final_loss  # written with every bit
     assert (tmp_path / "run" / "config.toml").is_file()
     assert (tmp_path / "run" / "tokenizer.json").is_file()
+
+
+def test_evaluations_during_training_make_the_learning_curve(tmp_path):
+    """train.eval_every: an evaluation every 3 steps but the last (the end's follows it), each
+    an `evaluate` span; loss.png is drawn beside timeline.png from metrics and eval.jsonl."""
+    cfg = tiny_config(
+        "train.steps=7",
+        "train.eval_every=3",
+        "train.eval_every_problems=2",
+        "train.eval_problems=3",
+        "data.source=reasoning",
+    )
+    run = tmp_path / "run"
+    result = train(cfg, run, "none", show_progress=False)
+    evals = read_metrics(run / EVAL_FILE)
+    per_step = cfg.train.batch_size * cfg.data.seq_len
+    assert [(e["step"], e["tokens"]) for e in evals] == [
+        (3, 3 * per_step),
+        (6, 6 * per_step),
+        (7, 7 * per_step),
+    ]
+    assert all(isinstance(e["val_loss"], float) for e in evals)
+    # shares of 2, 2 and 3 problems answered
+    assert [
+        e["accuracy"] in ({0, 0.5, 1} if n == 2 else {0, 1 / 3, 2 / 3, 1})
+        for e, n in zip(evals, (2, 2, 3), strict=True)
+    ] == [True] * 3
+    assert evals[-1]["val_loss"] == result.evaluation.val_loss
+    spans = [e for e in read_metrics(run / "events.jsonl") if e.get("kind") == "evaluate"]
+    assert len(spans) == 2
+    assert all(isinstance(r["time"], float) for r in read_metrics(run / "metrics.jsonl"))
+    assert (run / "loss.png").read_bytes().startswith(b"\x89PNG")
+    assert result.goodput.seconds["evaluate"] > 0
+
+
+def test_tensorboard_is_asked_for_and_its_absence_is_named(tmp_path, monkeypatch):
+    import builtins
+
+    cfg = tiny_config("train.steps=2", "train.tensorboard=true", "train.eval_problems=0")
+    train(cfg, tmp_path / "on", "none", show_progress=False)
+    assert list((tmp_path / "on" / "tensorboard").glob("events.out.tfevents.*"))
+
+    real_import = builtins.__import__
+
+    def without_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError("No module named 'tensorboard'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without_tensorboard)
+    with pytest.raises(ValueError, match=r"pip install 'ostinato\[tensorboard\]'"):
+        train(cfg, tmp_path / "run", "none", show_progress=False)
+    train(
+        tiny_config("train.steps=1", "train.eval_problems=0"),
+        tmp_path / "off",
+        "none",
+        show_progress=False,
+    )
+    assert not (tmp_path / "off" / "tensorboard").exists()

@@ -173,6 +173,39 @@ def chaos_overrides(spec: str, names: list[str], start: float) -> list[str]:
     ]
 
 
+REFERENCE_SEEDS = 3  # fault-free fleets run by --compare: their spread is what chance moves
+
+
+def reference_fleets(
+    config: Path,
+    out: Path,
+    names: list[str],
+    overrides: list[str],
+    per_island: dict[str, list[str]],
+    cfg: Config,
+) -> dict[int, float | None]:
+    """The same fleet without faults, for REFERENCE_SEEDS initialisations (train.seed, then the
+    next ones): the first is the chaos run's own reference, the spread of all of them says how
+    far a fault-free run's final loss moves by chance. On a step budget each trains the tokens
+    the chaos run trains; a time budget trains what the machine allows, so it is refused."""
+    if budget_of(cfg.fleet)[0] != "steps":
+        raise ValueError(
+            "chaos --compare compares on equal tokens: give a step budget "
+            f"(--fleet.budget=steps:H), not {cfg.fleet.budget!r}"
+        )
+    losses = {}
+    for seed in range(cfg.train.seed, cfg.train.seed + REFERENCE_SEEDS):
+        console.print(f"[bold]chaos[/]: the fault-free reference fleet, train.seed={seed}")
+        folder = out / "reference" / f"seed{seed}"
+        seeded = [*overrides, f"train.seed={seed}"]
+        # no island dies in it: no restart to keep a warm spare for
+        reference = LocalFleet(config, folder, names, seeded, per_island, "none", 3, False)
+        if reference.run() != 0:
+            raise RuntimeError("a fault-free reference fleet failed; see its output above")
+        losses[seed] = final_state(folder, names)[0]
+    return losses
+
+
 def chaos(
     config: Path,
     out: Path,
@@ -185,13 +218,7 @@ def chaos(
 ) -> int:
     """Run the fleet under `spec` (and, with `compare`, the same fleet without faults first)."""
     faults = parse_schedule(spec, names, cfg)
-    reference_loss = None
-    if compare:
-        console.print("[bold]chaos[/]: the fault-free reference fleet first")
-        reference = LocalFleet(config, out / "reference", names, overrides, per_island, "none", 3)
-        if reference.run() != 0:
-            raise RuntimeError("the fault-free reference fleet failed; see its output above")
-        reference_loss, _ = final_state(out / "reference", names)
+    references = reference_fleets(config, out, names, overrides, per_island, cfg) if compare else {}
     start = time.time()
     fleet = ChaosFleet(
         config,
@@ -206,7 +233,8 @@ def chaos(
     )
     code = fleet.run()
     report = build_report(out, names, faults, fleet.struck(), start, code)
-    report["reference_loss"] = reference_loss
+    report["reference_loss"] = references.get(cfg.train.seed)
+    report["reference_losses"] = {str(seed): loss for seed, loss in references.items()}
     report["supervisor"] = [{**e, "time": round(e["time"] - start, 3)} for e in fleet.log]
     path = write_report(out, report)
     print_survival_table(report)

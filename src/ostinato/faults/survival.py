@@ -252,7 +252,9 @@ def print_survival_table(report: dict[str, Any]) -> None:
         f"islands end with identical parameters: {report['parameters_identical']}"
     )
     if report.get("reference_loss") is not None:
-        console.print(f"fault-free reference loss {report['reference_loss']:.4f}")
+        seeds = [v for v in report.get("reference_losses", {}).values() if v is not None]
+        spread = f" ({len(seeds)} seeds: {min(seeds):.4f}-{max(seeds):.4f})" if seeds else ""
+        console.print(f"fault-free reference loss {report['reference_loss']:.4f}{spread}")
 
 
 def verdict(report: dict[str, Any]) -> int:

@@ -70,11 +70,14 @@ def recipe_fingerprint(model: ModelConfig, fleet: FleetConfig, steps: int) -> di
 
 
 def fingerprint(
-    model: ModelConfig, fleet: FleetConfig, steps: int, tokenizer: Tokenizer
+    model: ModelConfig, fleet: FleetConfig, steps: int, tokenizer: Tokenizer, warm_start: str = ""
 ) -> dict[str, Any]:
-    """What must be equal across the fleet; the coordinator names any field that is not."""
+    """What must be equal across the fleet; the coordinator names any field that is not.
+    `warm_start`: the checksum of the checkpoint every island starts from (fleet.warm_start;
+    empty: the seeded init), so islands that start from different parameters are refused."""
     tokenizer_hash = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()[:16]
-    return {**recipe_fingerprint(model, fleet, steps), "tokenizer": tokenizer_hash}
+    recipe = recipe_fingerprint(model, fleet, steps)
+    return {**recipe, "tokenizer": tokenizer_hash, "warm_start": warm_start}
 
 
 def time_budget_step(steps: int, rounds: int, round_have: int, clock: RoundClock) -> int:

@@ -183,7 +183,8 @@ class LocalFleet:
         goodput = summarize(self.out, f"fleet {self.out.name}")
         render_table(goodput, console)
         console.print(
-            f"fleet goodput {goodput.goodput:.1%}; timeline in {self.out / 'timeline.png'}"
+            f"fleet goodput {goodput.goodput:.1%}; timeline in {self.out / 'timeline.png'}, "
+            f"learning curve in {self.out / 'loss.png'}"
         )
         return fleet_exit_code([i.exits[-1] if i.exits else None for i in self.islands.values()])
 

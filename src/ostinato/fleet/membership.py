@@ -36,6 +36,7 @@ COMPARED = (
     "outer_momentum",
     "fragments",
     "rounds",
+    "warm_start",
 )
 MAX_KNOCK_BYTES = 1 << 20  # a log this long unread is a flood: it is cut, knocks in it retried
 MAX_CHALLENGES = 1024  # pending challenges kept; the oldest is dropped beyond that

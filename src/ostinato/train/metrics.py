@@ -1,4 +1,4 @@
-"""Per-step metrics: one JSON line per step, a live progress bar or plain lines, TensorBoard if present."""
+"""Per-step metrics: one JSON line per step, a live progress bar or plain lines, TensorBoard if asked."""
 
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ from ostinato.jsonl import append_jsonl, read_jsonl
 class MetricsLog:
     """Appends one object per step to metrics.jsonl; floats keep full precision (repr)."""
 
-    def __init__(self, path: Path, resume_step: int):
+    def __init__(self, path: Path, resume_step: int, tensorboard: bool = False):
         self.path = path
         self._drop_after(resume_step)
         self._file = path.open("a")
-        self._tensorboard = _tensorboard_writer(path.parent)
+        self._tensorboard = _tensorboard_writer(path.parent) if tensorboard else None
 
     def _drop_after(self, step: int) -> None:
         """Steps logged after the checkpoint we resume from are redone, so their lines go."""
@@ -45,6 +45,12 @@ class MetricsLog:
         self._file.close()
         if self._tensorboard is not None:
             self._tensorboard.close()
+
+    def __enter__(self) -> MetricsLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class EventLog:
@@ -74,12 +80,21 @@ def _complete_step(line: str) -> int | None:
         return None  # a line torn by a kill mid-write
 
 
-def _tensorboard_writer(run_dir: Path):
+def summary_writer_class():
+    """torch's SummaryWriter, which needs the tensorboard package: checked before a run starts,
+    so a missing extra is named at once, not after the model is built."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        return None
-    return SummaryWriter(str(run_dir / "tensorboard"))
+        raise ValueError(
+            "train.tensorboard = true needs the tensorboard package: "
+            "pip install 'ostinato[tensorboard]' (or set train.tensorboard = false)"
+        ) from None
+    return SummaryWriter
+
+
+def _tensorboard_writer(run_dir: Path):
+    return summary_writer_class()(str(run_dir / "tensorboard"))
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -3,6 +3,7 @@ the checkpoint it resumes from, and, in a fleet, the island's place in it."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import time
@@ -15,7 +16,9 @@ import torch.distributed as dist
 from tokenizers import Tokenizer
 from torch.nn.parallel import DistributedDataParallel
 
+from ostinato.checkpoint.reader import load_trained, resolve_checkpoint
 from ostinato.checkpoint.state import init_optimizer_state, restore, tensor_state
+from ostinato.checkpoint.store import MARKER, CheckpointError
 from ostinato.config import Config, TrainConfig
 from ostinato.data.cache import cached_tokens
 from ostinato.data.sources import Documents, load_documents
@@ -50,6 +53,7 @@ class RankState:
     events: EventLog | None = None  # the main rank's
     saved_at: float = field(default_factory=time.time)  # when the newest good state was saved
     startup: StartupClock = field(default_factory=StartupClock)  # where the start's time went
+    validation_tokens: torch.Tensor | None = None  # tokenized at the first evaluation
 
     def checkpoint_tensors(self) -> dict[str, Any]:
         tensors = tensor_state(self.model, self.optimizer)
@@ -74,7 +78,8 @@ def build_state(
     checkpoint unless `resume` is none), joined to its fleet, wrapped for data parallelism."""
     clock = StartupClock() if clock is None else clock
     documents = load_documents(cfg.data)
-    tokenizer = prepare_tokenizer(cfg, documents, out, place, resume_from)
+    warm = warm_start_checkpoint(cfg)
+    tokenizer = prepare_tokenizer(cfg, documents, out, place, resume_from, warm)
     check_vocab(tokenizer, cfg.model.vocab_size, str(out / TOKENIZER_FILE))
     stream = TokenStream(
         cached_tokens(tokenizer, documents.train, out / "cache"),
@@ -86,6 +91,8 @@ def build_state(
     clock.mark("data")
     model = Llama(cfg.model)
     model.init_weights(torch.Generator().manual_seed(cfg.train.seed))
+    if warm is not None and resume_from is None:
+        start_from(model, cfg, warm)
     model.to(place.device)
     optimizer = make_optimizer(model, cfg.train)
     init_optimizer_state(model, optimizer)
@@ -94,7 +101,8 @@ def build_state(
     state.startup = clock
     clock.mark("model")
     if cfg.fleet.coordinator:
-        prints = fingerprint(cfg.model, cfg.fleet, cfg.train.steps, tokenizer)
+        started = checkpoint_id(warm) if warm is not None else ""
+        prints = fingerprint(cfg.model, cfg.fleet, cfg.train.steps, tokenizer, started)
         member = FleetMember(cfg.fleet, model, prints, cfg.guards)
         sections = cfg.fleet, cfg.checkpoint, cfg.train.steps
         state.fleet = FleetIsland(*sections, member, model, stream, place, out, cfg.to_dict())
@@ -130,14 +138,52 @@ def resume_state(cfg: Config, state: RankState, resume_from: Path) -> None:
     log.info("resumed from %s at step %d", resume_from, state.step)
 
 
+def warm_start_checkpoint(cfg: Config) -> Path | None:
+    """The checkpoint a fleet island starts from (fleet.warm_start: a run directory means its
+    newest good one), verified by its checksums; None without a warm start."""
+    if not (cfg.fleet.coordinator and cfg.fleet.warm_start):
+        return None
+    try:
+        return resolve_checkpoint(cfg.fleet.warm_start)
+    except CheckpointError as exc:
+        raise ValueError(f"fleet.warm_start: {exc}") from None
+
+
+def checkpoint_id(checkpoint: Path) -> str:
+    """What names a checkpoint's contents: its COMMITTED marker holds the sha256 of its
+    manifest, which holds every file's. Read on every start, restarts too, so it is cheap."""
+    return (checkpoint / MARKER).read_text().strip()[:16]
+
+
+def start_from(model: Llama, cfg: Config, checkpoint: Path) -> None:
+    """The warm start's parameters, into a model of the same shape (else a ValueError that
+    names the fields that differ)."""
+    trained = load_trained(checkpoint)
+    ours, theirs = dataclasses.asdict(cfg.model), dataclasses.asdict(trained.config.model)
+    differing = [
+        f"model.{k} {theirs[k]} (ours {ours[k]})" for k in ours if ours[k] != theirs.get(k)
+    ]
+    if differing:
+        raise ValueError(f"fleet.warm_start {checkpoint} has another model: {', '.join(differing)}")
+    model.load_state_dict(trained.model.state_dict())
+    log.info("warm start: every island starts from %s", checkpoint)
+
+
 def prepare_tokenizer(
-    cfg: Config, documents: Documents, out: Path, place: Placement, resume_from: Path | None
+    cfg: Config,
+    documents: Documents,
+    out: Path,
+    place: Placement,
+    resume_from: Path | None,
+    warm: Path | None = None,
 ) -> Tokenizer:
-    """The checkpoint's tokenizer on resume; else the configured one; else train one (rank 0)."""
+    """The checkpoint's tokenizer on resume; else the configured one; else the warm start's;
+    else train one (rank 0)."""
     target = out / TOKENIZER_FILE
-    source = resume_from / TOKENIZER_FILE if resume_from else Path(cfg.data.tokenizer or target)
+    configured = cfg.data.tokenizer or (str(warm / TOKENIZER_FILE) if warm is not None else "")
+    source = resume_from / TOKENIZER_FILE if resume_from else Path(configured or target)
     if place.is_main:
-        if resume_from is None and not cfg.data.tokenizer:
+        if resume_from is None and not configured:
             log.info("training a byte-level BPE tokenizer (%d tokens)", cfg.model.vocab_size)
             train_tokenizer(documents.train, cfg.model.vocab_size).save(str(target))
         elif source.resolve() != target.resolve():

@@ -21,6 +21,7 @@ from ostinato import hardware
 from ostinato.checkpoint.state import find_resume_point, parameter_digest, rng_state
 from ostinato.checkpoint.store import CheckpointWriter
 from ostinato.config import Config, TrainConfig, save_config
+from ostinato.curves import EVAL_FILE
 from ostinato.data.stream import tokenize
 from ostinato.fleet.island import total_inner_steps
 from ostinato.goodput import Goodput, summarize
@@ -29,7 +30,7 @@ from ostinato.jsonl import append_jsonl
 from ostinato.startup import STARTUP_FILE, StartupClock
 from ostinato.train.evaluate import Evaluation, accuracy, validation_loss
 from ostinato.train.hooks import StepHooks
-from ostinato.train.metrics import EventLog, MetricsLog, ProgressDisplay
+from ostinato.train.metrics import EventLog, MetricsLog, ProgressDisplay, summary_writer_class
 from ostinato.train.remedies import guard_digests, roll_back, skip_spike
 from ostinato.train.schedule import lr_at
 from ostinato.train.state import TOKENIZER_FILE, RankState, build_state
@@ -61,6 +62,8 @@ def train(
             "faults.schedule is set but no step hooks inject it: run it with `ostinato train` "
             "(or pass hooks=ostinato.faults.inject.step_hooks(cfg, out))"
         )
+    if cfg.train.tensorboard:
+        summary_writer_class()
     clock = StartupClock()
     clock.mark("imports")  # the command's imports are done by now
     place = hardware.setup(cfg.hardware)
@@ -111,6 +114,10 @@ def _train(
     if dist.is_initialized():
         dist.barrier()
     evaluation = evaluate(cfg, state) if place.is_main else Evaluation()
+    if place.is_main:
+        tokens = state.step * island_tokens_per_step(cfg, place)
+        with MetricsLog(out / EVAL_FILE, state.step) as evals:
+            append_evaluation(evals, state.step, tokens, evaluation)
     goodput = summarize(out, f"run {out.name}") if place.is_main else None
     digest = parameter_digest(state.model)
     return TrainResult(out, state.step, final_loss, digest, evaluation, goodput)
@@ -205,14 +212,14 @@ def run_steps(
     hooks: StepHooks,
 ) -> float | None:
     fleet = state.fleet
-    metrics = MetricsLog(out / "metrics.jsonl", state.step) if place.is_main else None
+    tensorboard = cfg.train.tensorboard
+    metrics = MetricsLog(out / "metrics.jsonl", state.step, tensorboard) if place.is_main else None
+    evals = MetricsLog(out / EVAL_FILE, state.step, tensorboard) if place.is_main else None
     total = cfg.train.steps if fleet is None else total_inner_steps(cfg.fleet, cfg.train.steps)
     progress = ProgressDisplay(
         total, state.step, cfg.train.log_every, show_progress and place.is_main
     )
-    tokens_per_step = (
-        cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len * place.world_size
-    )
+    tokens_per_step = island_tokens_per_step(cfg, place)
     loss = None
     try:
         while state.step < cfg.train.steps if fleet is None else fleet.member.active:
@@ -244,6 +251,7 @@ def run_steps(
                 "checkpoint_stall_s": stall_s,
                 "recovery_s": 0.0,
                 "skipped": verdict != "ok",
+                "time": wall + step_s,
             }
             if state.events is not None:
                 state.events.span("compute", wall, wall + compute_s)
@@ -259,16 +267,58 @@ def run_steps(
             if metrics is not None:
                 metrics.write(record)
             progress.update(record, total)
+            final = False
             if fleet is not None and fleet.due(state.step):
                 final = fleet.sync(state.step)
                 writer.last_saved_step = None  # the round changed the parameters
-                if final:
-                    break
+            if evals is not None and evaluation_due(cfg, state.step, fleet is not None, final):
+                evaluate_now(cfg, state, place, evals)
+            if final:
+                break
     finally:
         progress.close()
-        if metrics is not None:
-            metrics.close()
+        for log in (metrics, evals):
+            if log is not None:
+                log.close()
     return loss
+
+
+def island_tokens_per_step(cfg: Config, place: Placement) -> int:
+    return cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len * place.world_size
+
+
+def evaluation_due(cfg: Config, step: int, in_fleet: bool, final: bool) -> bool:
+    """Every train.eval_every steps, but for the last step: the end-of-run evaluation, on
+    train.eval_problems problems, follows it anyway."""
+    every = cfg.train.eval_every
+    last = final if in_fleet else step >= cfg.train.steps
+    return bool(every) and step % every == 0 and not last
+
+
+def evaluate_now(cfg: Config, state: RankState, place: Placement, evals: MetricsLog) -> None:
+    """An evaluation during training (after the step's round, if it ended one: a fleet island
+    then holds the global model): validation loss, and accuracy on
+    train.eval_every_problems held-out problems; its time is an `evaluate` span."""
+    started = time.time()
+    evaluation = evaluate(cfg, state, cfg.train.eval_every_problems)
+    append_evaluation(
+        evals, state.step, state.step * island_tokens_per_step(cfg, place), evaluation
+    )
+    if state.events is not None:
+        state.events.span("evaluate", started, time.time())
+
+
+def append_evaluation(evals: MetricsLog, step: int, tokens: int, evaluation: Evaluation) -> None:
+    """One line of eval.jsonl: after `step`, the island having trained on `tokens`."""
+    evals.write(
+        {
+            "step": step,
+            "tokens": tokens,
+            "val_loss": evaluation.val_loss,
+            "accuracy": evaluation.accuracy,
+            "time": time.time(),
+        }
+    )
 
 
 def save_checkpoint(cfg: Config, state: RankState, writer: CheckpointWriter) -> float:
@@ -291,10 +341,17 @@ def save_checkpoint(cfg: Config, state: RankState, writer: CheckpointWriter) -> 
     return writer.save(state.step, tensors, meta, {TOKENIZER_FILE: tokenizer_json})
 
 
-def evaluate(cfg: Config, state: RankState) -> Evaluation:
+def evaluate(cfg: Config, state: RankState, problems: int | None = None) -> Evaluation:
+    """Validation loss and accuracy on held-out problems (train.eval_problems by default); the
+    model goes back to training mode after."""
     model = state.model
     model.eval()
-    val_tokens = tokenize(state.tokenizer, state.documents.validation)
-    problems = state.documents.heldout[: cfg.train.eval_problems]
-    acc, samples = accuracy(model, state.tokenizer, problems, cfg.train.samples)
-    return Evaluation(validation_loss(model, val_tokens, cfg.data.seq_len), acc, samples)
+    if state.validation_tokens is None:  # tokenized once: evaluations during training reuse it
+        state.validation_tokens = tokenize(state.tokenizer, state.documents.validation)
+    count = cfg.train.eval_problems if problems is None else problems
+    acc, samples = accuracy(
+        model, state.tokenizer, state.documents.heldout[:count], cfg.train.samples
+    )
+    loss = validation_loss(model, state.validation_tokens, cfg.data.seq_len)
+    model.train()
+    return Evaluation(loss, acc, samples)
