@@ -26,7 +26,7 @@ QUESTIONS := 'What is 27 + 45?\nBo has 12 pens. Bo gets 5 more and gives away 3.
 # parameters flips in round 8. Island b skips the held-out evaluation: a holds the same model.
 DEMO_FLEET := --islands 2 --train.threads=1 --train.steps=400 \
 	--fleet.budget=seconds:10 --fleet.rounds=14 --checkpoint.every=25 \
-	--for b:train.eval_problems=0 --for b:train.samples=0
+	--for b:train.eval_problems=0 --for b:train.samples=0 --for b:train.eval_every=0
 DEMO_FAULTS := slow@island=b,factor=2; crash@island=b,round=4; bitflip@island=a,round=8
 
 # Train the demo reasoning model on a local fleet under faults, print the survival table, export
