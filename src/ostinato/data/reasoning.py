@@ -2,6 +2,9 @@
 
 Every problem is generated from (seed, split, index), so the corpus is the same on every machine
 without a download. Each solution ends with `#### ANSWER`, which makes accuracy checkable.
+Solutions work the way a small model can learn to (with the tokenizer's one token per digit):
+column addition and subtraction with carries and borrows, multiplication digit by digit, a word
+problem as a chain of those, each step one digit-level operation, then the whole result.
 """
 
 from __future__ import annotations
@@ -31,25 +34,75 @@ class Problem:
         return f"{self.prompt} {self.solution}"
 
 
+def _digits(n: int) -> list[int]:
+    """The digits of n >= 0, ones first: the order a column method works in."""
+    return [int(c) for c in reversed(str(n))]
+
+
+def column_sum(a: int, b: int) -> str:
+    """a + b as a column addition, ones first, one digit-level step per column: the sum of the
+    column with what was carried, the digit written, what is carried on."""
+    da, db = _digits(a), _digits(b)
+    steps, carry = [], 0
+    for i in range(max(len(da), len(db))):
+        x, y = da[i] if i < len(da) else 0, db[i] if i < len(db) else 0
+        total = x + y + carry
+        terms = f"{x} + {y}" + (f" + {carry}" if carry else "")
+        carry = total // 10
+        steps.append(f"{terms} = {total}, write {total % 10}" + (", carry 1." if carry else "."))
+    if carry:
+        steps.append("write 1.")
+    return f"{' '.join(steps)} So {a} + {b} = {a + b}."
+
+
+def column_difference(a: int, b: int) -> str:
+    """a - b (a >= b) as a column subtraction, ones first: a column too small borrows 10 from
+    the next, which then gives 1 back."""
+    da, db = _digits(a), _digits(b)
+    steps, borrow = [], 0
+    for i in range(len(da)):
+        x, y = da[i], db[i] if i < len(db) else 0
+        top = x - borrow
+        lent = f"{x} - 1 = {top}, " if borrow else ""
+        borrow = int(top < y)
+        top += 10 * borrow
+        steps.append(f"{lent}{top} - {y} = {top - y}" + (", borrow 1." if borrow else "."))
+    return f"{' '.join(steps)} So {a} - {b} = {a - b}."
+
+
+def column_product(a: int, b: int) -> str:
+    """a * b (b one digit) digit by digit of a, ones first, carrying the tens of each product."""
+    da = _digits(a)
+    steps, carry = [], 0
+    for i, d in enumerate(da):
+        product = d * b
+        text = f"{d} * {b} = {product}"
+        if carry:
+            text += f", {product} + {carry} = {product + carry}"
+        product += carry
+        if i == len(da) - 1:
+            steps.append(f"{text}, write {product}.")
+        else:
+            carry = product // 10
+            steps.append(f"{text}, write {product % 10}" + (f", carry {carry}." if carry else "."))
+    return f"{' '.join(steps)} So {a} * {b} = {a * b}."
+
+
 def _addition(rng: random.Random) -> Problem:
     a, b = rng.randint(10, 99), rng.randint(10, 99)
-    ones = a % 10 + b % 10
-    tens = a // 10 + b // 10
-    steps = f"{a % 10} + {b % 10} = {ones}. {a // 10}0 + {b // 10}0 = {tens}0. {tens}0 + {ones} = {a + b}."
-    return Problem(f"What is {a} + {b}?", f"{steps} {ANSWER_MARK} {a + b}", a + b)
+    return Problem(f"What is {a} + {b}?", f"{column_sum(a, b)} {ANSWER_MARK} {a + b}", a + b)
 
 
 def _subtraction(rng: random.Random) -> Problem:
     a, b = rng.randint(20, 99), rng.randint(10, 99)
     a, b = max(a, b), min(a, b)
-    steps = f"{a} - {b // 10}0 = {a - b // 10 * 10}. {a - b // 10 * 10} - {b % 10} = {a - b}."
+    steps = column_difference(a, b)
     return Problem(f"What is {a} - {b}?", f"{steps} {ANSWER_MARK} {a - b}", a - b)
 
 
 def _multiplication(rng: random.Random) -> Problem:
     a, b = rng.randint(11, 49), rng.randint(2, 9)
-    high, low = a // 10 * 10 * b, a % 10 * b
-    steps = f"{a // 10}0 * {b} = {high}. {a % 10} * {b} = {low}. {high} + {low} = {a * b}."
+    steps = column_product(a, b)
     return Problem(f"What is {a} * {b}?", f"{steps} {ANSWER_MARK} {a * b}", a * b)
 
 
@@ -62,7 +115,7 @@ def _word_problem(rng: random.Random) -> Problem:
         f"{name} has {start} {item}. {name} gets {more} more and gives away {away}. "
         f"How many {item} does {name} have now?"
     )
-    steps = f"{start} + {more} = {total}. {total} - {away} = {total - away}."
+    steps = f"{column_sum(start, more)} {column_difference(total, away)}"
     return Problem(question, f"{steps} {ANSWER_MARK} {total - away}", total - away)
 
 

@@ -46,7 +46,7 @@ def validation_loss(
 
 
 @torch.no_grad()
-def answer(model: Llama, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 64) -> str:
+def answer(model: Llama, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 128) -> str:
     ids = tokenizer.encode(prompt, add_special_tokens=False).ids
     out = generate(model, ids, max_new_tokens, stop_id=eos_id(tokenizer))
     return tokenizer.decode(out).strip()
