@@ -27,6 +27,18 @@ FAST = [
     "--fleet.compression=int8",
 ]
 
+# Step budgets: every island trains H steps a round, whatever the machine's speed or load, so a
+# fault-free fleet is deterministic and runs as many tokens as the storm's recipe.
+STEP_BUDGET = [
+    "--fleet.budget=steps:5",
+    "--checkpoint.every=5",  # some kills land while a checkpoint is written
+    "--fleet.heartbeat_s=0.2",
+    "--fleet.timeout_s=5",
+    "--fleet.grace_s=1",
+    "--train.eval_problems=0",
+    "--train.samples=0",
+]
+
 
 def fleet_env() -> dict[str, str]:
     return {**cli_env(), "OSTINATO_FLEET_TOKEN": TOKEN, "TORCH_CPP_LOG_LEVEL": "ERROR"}
