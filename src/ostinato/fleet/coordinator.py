@@ -12,6 +12,7 @@ loses no round. The keys of a round are deleted two rounds after it commits.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -87,7 +88,6 @@ class Coordinator:
         self.finished_rounds: dict[int, tuple[RoundState, list[tuple[str, str]]]] = {}
         self.started = time.monotonic()
         self.finished = False
-        self._outer_lr: float | None = None
         self._recall_committed_rounds()
 
     @property
@@ -217,15 +217,15 @@ class Coordinator:
             "outer_lr": self.outer_lr,
         }
 
-    @property
+    @functools.cached_property
     def outer_lr(self) -> float:
         """The fleet's outer rate: the recipe's (the first island's without --config), "auto"
-        resolved here once, from this coordinator's fleet.expect, so every island uses one."""
-        if self._outer_lr is None:
-            configured = (self.fingerprint or {}).get("outer_lr", self.cfg.outer_lr)
-            self._outer_lr, why = outer_lr_of(dataclasses.replace(self.cfg, outer_lr=configured))
-            log.info("coordinator: outer learning rate %g (%s)", self._outer_lr, why)
-        return self._outer_lr
+        resolved here once, at the first admission, from this coordinator's fleet.expect, so
+        every island uses one."""
+        configured = (self.fingerprint or {}).get("outer_lr", self.cfg.outer_lr)
+        lr, why = outer_lr_of(dataclasses.replace(self.cfg, outer_lr=configured))
+        log.info("coordinator: outer learning rate %g (%s)", lr, why)
+        return lr
 
     def _donors_now(self) -> list[str]:
         """Members that can heal a joiner now: they hold the last committed round's state and

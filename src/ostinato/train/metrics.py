@@ -46,12 +46,6 @@ class MetricsLog:
         if self._tensorboard is not None:
             self._tensorboard.close()
 
-    def __enter__(self) -> MetricsLog:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
 
 class EventLog:
     """Spans of wall-clock time by kind, for goodput accounting (ostinato.goodput)."""

@@ -104,8 +104,12 @@ def _train(
         if resume_from or rejoined:  # a fresh start is not recovery; a restart is
             state.events.span("recovery", recovery_started, time.time())
     hooks.start(state, place, out)
+    # eval.jsonl: the evaluations during training, then the one at the end (main rank)
+    evals = (
+        MetricsLog(out / EVAL_FILE, state.step, cfg.train.tensorboard) if place.is_main else None
+    )
     try:
-        final_loss = run_steps(cfg, state, place, writer, out, show_progress, hooks)
+        final_loss = run_steps(cfg, state, place, writer, out, show_progress, hooks, evals)
     finally:
         if state.fleet is not None:
             state.fleet.close()
@@ -114,10 +118,9 @@ def _train(
     if dist.is_initialized():
         dist.barrier()
     evaluation = evaluate(cfg, state) if place.is_main else Evaluation()
-    if place.is_main:
-        tokens = state.step * island_tokens_per_step(cfg, place)
-        with MetricsLog(out / EVAL_FILE, state.step) as evals:
-            append_evaluation(evals, state.step, tokens, evaluation)
+    if evals is not None:  # every line is flushed as written: an error above loses none
+        append_evaluation(cfg, state, place, evals, evaluation)
+        evals.close()
     goodput = summarize(out, f"run {out.name}") if place.is_main else None
     digest = parameter_digest(state.model)
     return TrainResult(out, state.step, final_loss, digest, evaluation, goodput)
@@ -210,11 +213,13 @@ def run_steps(
     out: Path,
     show_progress: bool,
     hooks: StepHooks,
+    evals: MetricsLog | None = None,
 ) -> float | None:
+    """The inner steps (and a fleet's rounds) until the run or the fleet is done; `evals`, the
+    main rank's eval.jsonl, gets the evaluations every train.eval_every steps."""
     fleet = state.fleet
     tensorboard = cfg.train.tensorboard
     metrics = MetricsLog(out / "metrics.jsonl", state.step, tensorboard) if place.is_main else None
-    evals = MetricsLog(out / EVAL_FILE, state.step, tensorboard) if place.is_main else None
     total = cfg.train.steps if fleet is None else total_inner_steps(cfg.fleet, cfg.train.steps)
     progress = ProgressDisplay(
         total, state.step, cfg.train.log_every, show_progress and place.is_main
@@ -277,9 +282,8 @@ def run_steps(
                 break
     finally:
         progress.close()
-        for log in (metrics, evals):
-            if log is not None:
-                log.close()
+        if metrics is not None:
+            metrics.close()
     return loss
 
 
@@ -301,19 +305,19 @@ def evaluate_now(cfg: Config, state: RankState, place: Placement, evals: Metrics
     train.eval_every_problems held-out problems; its time is an `evaluate` span."""
     started = time.time()
     evaluation = evaluate(cfg, state, cfg.train.eval_every_problems)
-    append_evaluation(
-        evals, state.step, state.step * island_tokens_per_step(cfg, place), evaluation
-    )
+    append_evaluation(cfg, state, place, evals, evaluation)
     if state.events is not None:
         state.events.span("evaluate", started, time.time())
 
 
-def append_evaluation(evals: MetricsLog, step: int, tokens: int, evaluation: Evaluation) -> None:
-    """One line of eval.jsonl: after `step`, the island having trained on `tokens`."""
+def append_evaluation(
+    cfg: Config, state: RankState, place: Placement, evals: MetricsLog, evaluation: Evaluation
+) -> None:
+    """One line of eval.jsonl: after the current step, with the tokens the island trained on."""
     evals.write(
         {
-            "step": step,
-            "tokens": tokens,
+            "step": state.step,
+            "tokens": state.step * island_tokens_per_step(cfg, place),
             "val_loss": evaluation.val_loss,
             "accuracy": evaluation.accuracy,
             "time": time.time(),
