@@ -94,6 +94,9 @@ class Membership:
         self.total_rounds = int((recipe or {}).get("rounds", 0))
         self.challenges: dict[tuple[str, str], tuple[str, float]] = {}  # -> (challenge, issued)
         self._knock_offset = 0
+        # When the heartbeat guard last looked: silence counts up to then, so an island stops
+        # counting as alive only when the guard has reported it, never between two looks.
+        self.judged_at = float("-inf")
 
     # --- joining ----------------------------------------------------------------------------
 
@@ -226,12 +229,13 @@ class Membership:
     def watch_health(self, finished: bool) -> None:
         """Heartbeat guard (an island that went silent), progress guard (one that beats but
         makes no step) and straggler guard (one that is slow)."""
+        self.judged_at = time.monotonic()
         for view in self.islands.values():
             leaving = finished or view.status.get("state") == "done"
             if not leaving:
                 self._watch_progress(view)
             if not self.beating(view) and not view.gone and not leaving:
-                silent = time.monotonic() - view.last_beat
+                silent = self.judged_at - view.last_beat
                 self.guard_log.fire(
                     "heartbeat",
                     view.name,
@@ -352,7 +356,8 @@ class Membership:
         return "stalled" if self.beating(view) else "gone"
 
     def beating(self, view: IslandView) -> bool:
-        silent = time.monotonic() - view.last_beat
+        """Not closed, and not silent for the heartbeat timeout when the guard last looked."""
+        silent = self.judged_at - view.last_beat
         return not view.closed and silent < self.cfg.heartbeat_timeout_s
 
     def is_alive(self, view: IslandView) -> bool:
