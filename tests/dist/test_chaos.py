@@ -124,6 +124,12 @@ def test_a_bad_schedule_is_refused_before_anything_starts(tmp_path, faults, mess
     assert not (tmp_path / "chaos").exists()
 
 
+# One outer rate for every fleet the storm is compared with: "auto" would give a 1-island fleet
+# 0.4 and a 3-island one 0.6, and then the 1-island fleet is no longer the storm's extreme (a
+# storm round that only one island reaches still applies the 3-island fleet's rate).
+SAME_RATE = ["--fleet.outer_lr=0.6"]
+
+
 def random_kills(seed: int, kills: int, rounds: int) -> str:
     """SIGKILLs at random rounds: each island once in the first third of the run (it is up
     then, so these always strike), the others at random islands before 60% of the run (they
@@ -141,7 +147,7 @@ def fault_free(out, names: str, rounds: int) -> Running:
     takes on a loaded machine), and a slow heartbeat does not count as a death (nor a slow step
     as a stall), so its bits do not depend on timing."""
     command = ostinato("fleet", "local", "--config", str(TINY), "--out", str(out))
-    recipe = [f"--fleet.rounds={rounds}", f"--train.steps={5 * rounds}", *STEP_BUDGET]
+    recipe = [f"--fleet.rounds={rounds}", f"--train.steps={5 * rounds}", *STEP_BUDGET, *SAME_RATE]
     count = len(names.split(","))
     extra = [f"--fleet.expect={count}", f"--fleet.min_islands={count}"]
     extra += ["--fleet.connect_timeout_s=600", "--fleet.heartbeat_timeout_s=60"]
@@ -196,7 +202,7 @@ def test_random_kills_lose_no_checkpoint_and_land_between_the_fault_free_extreme
     references |= {n: fault_free(tmp_path / n, n, rounds) for n in "abc"}
     out = tmp_path / "chaos"
     command = ostinato("chaos", "--config", str(TINY), "--out", str(out), "--islands", "3")
-    recipe = [f"--fleet.rounds={rounds}", f"--train.steps={5 * rounds}", *STEP_BUDGET]
+    recipe = [f"--fleet.rounds={rounds}", f"--train.steps={5 * rounds}", *STEP_BUDGET, *SAME_RATE]
     recipe += ["--fleet.min_islands=1", "--fleet.heartbeat_timeout_s=3"]
     run = Running([*command, "--faults", random_kills(seed, kills, rounds), *recipe])
     codes = {name: reference.wait(1200) for name, reference in references.items()}
