@@ -527,7 +527,7 @@ def worker_main(out: Path, name: str, life: int) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(cfg.train.seed)
     model = Llama(cfg.model)
-    model.init_weights(torch.Generator().manual_seed(cfg.train.seed))
+    model.init_weights(cfg.train.seed)
     inner = inner_optimizer(model, cfg.train)
     outer = torch.optim.SGD(model.parameters(), lr=0.7, momentum=0.9, nesterov=True)
     # the same start-up work as an island: read the corpus, tokenize it with the shared tokenizer

@@ -46,7 +46,7 @@ def plain_loop(cfg) -> float:
     """Tokens/s of the simplest correct loop: the baseline."""
     torch.set_num_threads(cfg.train.threads)
     model = Llama(cfg.model)
-    model.init_weights(torch.Generator().manual_seed(cfg.train.seed))
+    model.init_weights(cfg.train.seed)
     optimizer = make_optimizer(model, cfg.train)
     shape = (cfg.train.steps, cfg.train.batch_size, cfg.data.seq_len + 1)
     data = torch.randint(0, cfg.model.vocab_size, shape, generator=torch.Generator().manual_seed(0))

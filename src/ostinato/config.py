@@ -121,6 +121,27 @@ class HardwareConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How the ranks of one island share the model (train/parallel.py)."""
+
+    strategy: str = option(
+        "auto",
+        "with more than one rank: fsdp shards parameters, gradients and optimizer state "
+        "(FSDP2); ddp keeps a full copy on every rank; auto: fsdp, but ddp for a fleet island",
+        choices=("auto", "fsdp", "ddp"),
+    )
+    replicate: int = option(
+        1, "fsdp: replicas of the shards (HSDP; the ranks must divide by it); 1: plain FSDP", ge=1
+    )
+    activation_checkpointing: str = option(
+        "none",
+        "recompute activations in the backward pass: every decoder layer (full), every other "
+        "one (selective), or none",
+        choices=("none", "full", "selective"),
+    )
+
+
+@dataclass
 class FleetConfig:
     coordinator: str = option(
         "", "HOST:PORT of the fleet coordinator; empty: train one island alone"
@@ -254,6 +275,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     fleet: FleetConfig = field(default_factory=FleetConfig)
     guards: GuardsConfig = field(default_factory=GuardsConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
@@ -268,6 +290,7 @@ SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "checkpoint": CheckpointConfig,
     "hardware": HardwareConfig,
+    "parallel": ParallelConfig,
     "fleet": FleetConfig,
     "guards": GuardsConfig,
     "faults": FaultsConfig,

@@ -88,11 +88,16 @@ def stack_versions() -> dict[str, str]:
     return versions
 
 
+def launched_world_size() -> int:
+    """The island's rank count as torchrun set it (1 for a plain process)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def setup(cfg: HardwareConfig) -> Placement:
     """Pick the device, and join the island's process group when launched by torchrun."""
     device_type = choose_device_type(cfg)
     backend = BACKEND_FOR_DEVICE[device_type] if cfg.backend == "auto" else cfg.backend
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launched_world_size()
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     index = local_rank if device_type in ("cuda", "npu") else None

@@ -1,4 +1,5 @@
-"""Two gloo ranks under torchrun: identical parameters after DDP training, resumable on one rank."""
+"""Two gloo ranks under torchrun: identical parameters after DDP training (parallel.strategy = ddp;
+the sharded default is tests/integration/test_fsdp.py), resumable on one rank."""
 
 import json
 import subprocess
@@ -31,7 +32,9 @@ def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
 
 def test_two_ranks_end_identical_and_resume_on_one(tmp_path):
     out = tmp_path / "run"
-    done = torchrun(2, str(WORKER), str(TINY), str(out), "train.steps=12", "checkpoint.every=4")
+    done = torchrun(
+        2, str(WORKER), str(TINY), str(out), "train.steps=12", "checkpoint.every=4", "parallel.strategy=ddp"
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["digest"] == ranks[1]["digest"]

@@ -29,7 +29,7 @@ def export_dir(tmp_path_factory) -> Path:
     """An export of an untrained tiny model: what is checked here is the files, not the model."""
     cfg = ModelConfig(size="tiny", max_seq_len=64, **MODEL_SIZES["tiny"])
     model = Llama(cfg)
-    model.init_weights(torch.Generator().manual_seed(0))
+    model.init_weights(0)
     tokenizer = train_tokenizer(["Question: What is 2 + 3?\nAnswer: 5 #### 5"], 300)
     out = tmp_path_factory.mktemp("export")
     write_hf_dir(model, tokenizer, out, torch.float32, hf.DEFAULT_SHARD_BYTES)

@@ -49,7 +49,7 @@ def block_scales(x: torch.Tensor, kind: str, block: int) -> torch.Tensor:
 
 def tiny_llama(seed: int) -> Llama:
     model = Llama(load_config(None, ["model.size=tiny"]).model)
-    model.init_weights(torch.Generator().manual_seed(seed))
+    model.init_weights(seed)
     return model
 
 

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.timeout(60)
 def tiny_model(tie: bool = False) -> Llama:
     cfg = ModelConfig(size="tiny", max_seq_len=64, tie_embeddings=tie, **MODEL_SIZES["tiny"])
     model = Llama(cfg)
-    model.init_weights(torch.Generator().manual_seed(0))
+    model.init_weights(0)
     return model.eval()
 
 

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.timeout(60)
 def small_model(**changes) -> Llama:
     cfg = load_config(None, [f"model.{k}={v}" for k, v in changes.items()]).model
     model = Llama(cfg)
-    model.init_weights(torch.Generator().manual_seed(0))
+    model.init_weights(0)
     return model
 
 

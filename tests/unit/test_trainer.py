@@ -5,7 +5,9 @@ import torch
 
 from ostinato.checkpoint.reader import load_trained
 from ostinato.curves import EVAL_FILE
+from ostinato.errors import BadInput
 from ostinato.hardware import Placement
+from ostinato.train import trainer
 from ostinato.train.metrics import read_metrics
 from ostinato.train.trainer import autocast_dtype, train
 from tests.conftest import tiny_config
@@ -106,3 +108,16 @@ def test_tensorboard_is_asked_for_and_its_absence_is_named(tmp_path, monkeypatch
         show_progress=False,
     )
     assert not (tmp_path / "off" / "tensorboard").exists()
+
+
+def test_running_out_of_memory_names_the_fixes(tmp_path, monkeypatch):
+    def exhausted(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(trainer, "_train", exhausted)
+    with pytest.raises(BadInput) as refused:
+        train(tiny_config(), tmp_path / "run", show_progress=False)
+    message = str(refused.value)
+    assert "ran out of cpu memory (single on 1 rank(s))" in message
+    for fix in ("parallel.strategy = fsdp", "activation_checkpointing = full", "batch_size (now 4"):
+        assert fix in message

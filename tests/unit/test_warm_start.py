@@ -38,7 +38,7 @@ def test_a_run_directory_means_its_newest_good_checkpoint(warm_run):
 def test_start_from_copies_the_trained_parameters(warm_run):
     cfg = fleet_config(f"fleet.warm_start={warm_run}")
     model = Llama(cfg.model)
-    model.init_weights(torch.Generator().manual_seed(0))
+    model.init_weights(0)
     start_from(model, cfg, warm_start_checkpoint(cfg))
     trained = load_trained(warm_run).model
     for (name, ours), theirs in zip(model.state_dict().items(), trained.state_dict().values(), strict=True):  # fmt: skip

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from ostinato.checkpoint.store import (
     CheckpointError,
@@ -48,10 +49,12 @@ def tensor_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str
 
 
 def parameter_digest(model: nn.Module) -> str:
-    """sha256 of every parameter and buffer, bit for bit: equal digests mean identical models."""
+    """sha256 of every parameter and buffer, bit for bit: equal digests mean identical models
+    (of a sharded model, identical shards on this rank)."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
+        tensor = tensor.to_local() if isinstance(tensor, DTensor) else tensor  # this rank's shard
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 

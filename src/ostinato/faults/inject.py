@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from ostinato.config import Config
 from ostinato.faults.bitflip import flip_high_exponent_bit
@@ -239,8 +240,10 @@ def flip_rank_parameter(seed: int, state: RankState, place: Placement) -> None:
     name = list(parameters)[int(torch.randint(len(parameters), (), generator=generator))]
     victim = place.world_size - 1
     if place.rank == victim:
-        index = flip_high_exponent_bit(parameters[name].data, generator)
-        value = float(parameters[name].data.view(-1)[index])
+        target = parameters[name].data
+        target = target.to_local() if isinstance(target, DTensor) else target  # its shard
+        index = flip_high_exponent_bit(target, generator)
+        value = float(target.view(-1)[index])
         log.warning(
             "fault bitflip: after step %d, rank %d's %s[%d] is now %g",
             state.step,

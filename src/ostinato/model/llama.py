@@ -10,6 +10,8 @@ Shapes: B batch, T time, D model dim, H query heads, K key/value heads, E head d
 from __future__ import annotations
 
 import math
+import zlib
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +23,35 @@ from ostinato.config import ModelConfig
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     """Upcast bf16/fp16 for numerically sensitive parts; leave fp32 and fp64 alone."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+# Which rows of a parameter a rank's tensor holds: (that tensor, its first row's index).
+LocalRows = Callable[[nn.Parameter], tuple[torch.Tensor, int]]
+BLOCK_VALUES = 1 << 20  # values drawn from one generator: enough to amortise its seeding
+
+
+def normal_rows(
+    seed: int, name: str, shape: torch.Size, first: int, count: int, std: float
+) -> torch.Tensor:
+    """Rows first:first + count of parameter `name` (of `shape`) drawn from N(0, std^2).
+
+    Rows come in blocks of about BLOCK_VALUES values, each block from a generator seeded by
+    (seed, name, block), so any range of rows can be drawn without drawing the others."""
+    row_values = math.prod(shape[1:])
+    per_block = max(1, BLOCK_VALUES // max(1, row_values))
+    out = torch.empty(count, *shape[1:])
+    if count == 0:  # a shard of a small parameter may hold no rows
+        return out
+    for block in range(first // per_block, (first + count - 1) // per_block + 1):
+        start = block * per_block
+        rows = min(per_block, shape[0] - start)
+        # the CPU generator keeps 32 bits of a seed: fold seed, name and block into 32
+        key = zlib.crc32(f"{seed}/{name}#{block}".encode())
+        generator = torch.Generator().manual_seed(key)
+        values = torch.empty(rows, *shape[1:]).normal_(0.0, std, generator=generator)
+        lo, hi = max(first, start), min(first + count, start + rows)
+        out[lo - first : hi - first] = values[lo - start : hi - start]
+    return out
 
 
 class RMSNorm(nn.Module):
@@ -149,15 +180,26 @@ class Llama(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("rope", rope_tables(cfg), persistent=False)
 
-    def init_weights(self, generator: torch.Generator) -> None:
-        """Normal init; residual output projections scaled down by depth (GPT-2 style)."""
+    @torch.no_grad()
+    def init_weights(self, seed: int, local: LocalRows | None = None) -> None:
+        """Normal init; residual output projections scaled down by depth (GPT-2 style).
+
+        Every value depends only on the seed, the parameter's name and its row (`normal_rows`),
+        so a rank that holds rows `first:first + n` of a parameter draws exactly those, and a
+        model cut into any number of shards starts from the values of the uncut one. `local`
+        says which rows a parameter's tensor holds here; the default: all of them."""
         residual_std = self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
         for name, param in self.named_parameters():
+            rows, first = local(param) if local is not None else (param.data, 0)
             if name.endswith("norm.weight"):
-                nn.init.ones_(param)
-            else:
-                std = residual_std if name.endswith(("o_proj.weight", "down_proj.weight")) else None
-                nn.init.normal_(param, 0.0, std or self.cfg.init_std, generator=generator)
+                rows.fill_(1.0)
+                continue
+            std = residual_std if name.endswith(("o_proj.weight", "down_proj.weight")) else None
+            rows.copy_(
+                normal_rows(seed, name, param.shape, first, rows.shape[0], std or self.cfg.init_std)
+            )
+        # the rotary tables are computed, not drawn; a model built on the meta device has none
+        self.rope = rope_tables(self.cfg).to(self.rope.device)
 
     def forward(
         self,

@@ -25,6 +25,9 @@ def print_result(result: TrainResult) -> None:
         "val_loss": ev.val_loss,
         "accuracy": ev.accuracy,
         "digest": result.parameter_digest,
+        "strategy": result.strategy,
+        "world_size": result.world_size,
+        "state_bytes_per_rank": result.state_bytes,  # rank 0's, from its tensors' storage
     }
     (result.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     if result.goodput is not None:

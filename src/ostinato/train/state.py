@@ -14,7 +14,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from tokenizers import Tokenizer
-from torch.nn.parallel import DistributedDataParallel
 
 from ostinato.checkpoint.reader import load_trained, resolve_checkpoint
 from ostinato.checkpoint.state import init_optimizer_state, restore, tensor_state
@@ -31,6 +30,7 @@ from ostinato.model.llama import Llama
 from ostinato.startup import StartupClock
 from ostinato.train.guards import LossSpikeGuard, NonFiniteGuard
 from ostinato.train.metrics import EventLog
+from ostinato.train.parallel import build_model, replicate, strategy_of
 
 log = logging.getLogger("ostinato")
 TOKENIZER_FILE = "tokenizer.json"
@@ -54,6 +54,8 @@ class RankState:
     saved_at: float = field(default_factory=time.time)  # when the newest good state was saved
     startup: StartupClock = field(default_factory=StartupClock)  # where the start's time went
     validation_tokens: torch.Tensor | None = None  # tokenized at the first evaluation
+    strategy: str = "single"  # how the island's ranks share the model (train/parallel.py)
+    gradient_bytes: int = 0  # this rank's gradients, measured at the first step
 
     def checkpoint_tensors(self) -> dict[str, Any]:
         tensors = tensor_state(self.model, self.optimizer)
@@ -89,16 +91,15 @@ def build_state(
         place.world_size,
     )
     clock.mark("data")
-    model = Llama(cfg.model)
-    model.init_weights(torch.Generator().manual_seed(cfg.train.seed))
+    strategy = strategy_of(cfg.parallel, place.world_size, in_fleet=bool(cfg.fleet.coordinator))
+    model = build_model(cfg.parallel, cfg.model, cfg.train.seed, place, strategy)
     if warm is not None and resume_from is None:
         start_from(model, cfg, warm)
-    model.to(place.device)
     optimizer = make_optimizer(model, cfg.train)
     init_optimizer_state(model, optimizer)
     guards = NonFiniteGuard(cfg.guards), LossSpikeGuard(cfg.guards)
     state = RankState(model, model, optimizer, stream, tokenizer, documents, *guards)
-    state.startup = clock
+    state.startup, state.strategy = clock, strategy
     clock.mark("model")
     if cfg.fleet.coordinator:
         started = checkpoint_id(warm) if warm is not None else ""
@@ -118,9 +119,7 @@ def build_state(
         clock.mark("heal")
     if state.fleet is not None and place.world_size > 1:
         state.fleet.share_fleet_state()  # the leader may have been healed, or finished
-    if place.world_size > 1:
-        device_ids = [place.device.index] if place.is_accelerator else None
-        state.step_model = DistributedDataParallel(model, device_ids=device_ids)
+    state.step_model = replicate(model, place, strategy)
     if cfg.train.compile:
         state.step_model = torch.compile(state.step_model)
     return state

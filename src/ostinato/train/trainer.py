@@ -8,7 +8,6 @@ step hooks (train/hooks.py), which the caller chooses.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,14 +22,23 @@ from ostinato.checkpoint.store import CheckpointWriter
 from ostinato.config import Config, TrainConfig, save_config
 from ostinato.curves import EVAL_FILE
 from ostinato.data.stream import tokenize
+from ostinato.errors import BadInput
 from ostinato.fleet.island import total_inner_steps
 from ostinato.goodput import Goodput, summarize
-from ostinato.hardware import Placement
+from ostinato.hardware import Placement, launched_world_size
 from ostinato.jsonl import append_jsonl
 from ostinato.startup import STARTUP_FILE, StartupClock
 from ostinato.train.evaluate import Evaluation, accuracy, validation_loss
 from ostinato.train.hooks import StepHooks
 from ostinato.train.metrics import EventLog, MetricsLog, ProgressDisplay, summary_writer_class
+from ostinato.train.parallel import (
+    full_value,
+    gradient_bytes,
+    gradient_sync,
+    is_sharded,
+    state_bytes,
+    strategy_of,
+)
 from ostinato.train.remedies import guard_digests, roll_back, skip_spike
 from ostinato.train.schedule import lr_at
 from ostinato.train.state import TOKENIZER_FILE, RankState, build_state
@@ -44,6 +52,9 @@ class TrainResult:
     parameter_digest: str  # of this rank's final parameters
     evaluation: Evaluation = field(default_factory=Evaluation)
     goodput: Goodput | None = None  # where this run's wall-clock time went (rank 0)
+    strategy: str = "single"  # how the island's ranks shared the model
+    world_size: int = 1
+    state_bytes: int = 0  # parameters, gradients and optimizer state held by this rank
 
 
 def train(
@@ -64,13 +75,29 @@ def train(
         )
     if cfg.train.tensorboard:
         summary_writer_class()
+    # refused by field name before a process group starts: WORLD_SIZE is torchrun's
+    strategy_of(cfg.parallel, launched_world_size(), in_fleet=bool(cfg.fleet.coordinator))
     clock = StartupClock()
     clock.mark("imports")  # the command's imports are done by now
     place = hardware.setup(cfg.hardware)
     try:
         return _train(cfg, Path(out), resume, place, show_progress, hooks or StepHooks(), clock)
+    except torch.OutOfMemoryError as exc:
+        raise BadInput(out_of_memory_advice(cfg, place)) from exc
     finally:
         hardware.teardown()
+
+
+def out_of_memory_advice(cfg: Config, place: Placement) -> str:
+    """What to change when a rank's device memory runs out, instead of the allocator's dump."""
+    strategy = strategy_of(cfg.parallel, place.world_size, bool(cfg.fleet.coordinator))
+    return (
+        f"rank {place.rank} ran out of {place.device.type} memory ({strategy} on "
+        f"{place.world_size} rank(s)). Shard the model over more ranks (parallel.strategy = "
+        f"fsdp), recompute activations (parallel.activation_checkpointing = full), or lower "
+        f"train.batch_size (now {cfg.train.batch_size}; raise train.grad_accum to keep the "
+        f"tokens per step); `ostinato plan` estimates what fits."
+    )
 
 
 def _train(
@@ -117,13 +144,16 @@ def _train(
     writer.wait()
     if dist.is_initialized():
         dist.barrier()
-    evaluation = evaluate(cfg, state) if place.is_main else Evaluation()
+    evaluation = evaluate(cfg, state) if evaluates(state, place) else Evaluation()
     if evals is not None:  # every line is flushed as written: an error above loses none
         append_evaluation(cfg, state, place, evals, evaluation)
         evals.close()
     goodput = summarize(out, f"run {out.name}") if place.is_main else None
     digest = parameter_digest(state.model)
-    return TrainResult(out, state.step, final_loss, digest, evaluation, goodput)
+    held = state_bytes(state.model, state.optimizer, state.gradient_bytes)
+    result = TrainResult(out, state.step, final_loss, digest, evaluation, goodput)
+    result.strategy, result.world_size, result.state_bytes = state.strategy, place.world_size, held
+    return result
 
 
 def autocast_dtype(cfg: TrainConfig, place: Placement) -> torch.dtype | None:
@@ -149,19 +179,16 @@ def train_step(
     loss_sum = torch.zeros((), device=place.device)
     for micro in range(cfg.grad_accum):
         inputs, targets = next_batch(cfg, state, place, hooks)
-        last = micro == cfg.grad_accum - 1
-        sync = (
-            contextlib.nullcontext()
-            if last or place.world_size == 1
-            else state.step_model.no_sync()
-        )
+        sync = gradient_sync(state.step_model, enabled=micro == cfg.grad_accum - 1)
         autocast = torch.autocast(place.device.type, dtype=dtype, enabled=dtype is not None)
         with sync, autocast:
             loss = hooks.loss(state, state.step_model(inputs, targets) / cfg.grad_accum)
         loss.backward()
         loss_sum += loss.detach()
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(state.model.parameters(), max_norm))
+    grad_norm = float(
+        full_value(torch.nn.utils.clip_grad_norm_(state.model.parameters(), max_norm))
+    )
     if place.world_size > 1:
         dist.all_reduce(loss_sum)
         loss_sum /= place.world_size
@@ -169,6 +196,8 @@ def train_step(
     verdict = state.guard.verdict(state.step, float(loss_sum), grad_norm)
     if verdict == "ok":
         verdict = state.spike_guard.verdict(float(loss_sum))
+    if not state.gradient_bytes:
+        state.gradient_bytes = gradient_bytes(state.model)
     if verdict == "ok":
         state.optimizer.step()
     state.optimizer.zero_grad(set_to_none=True)
@@ -237,7 +266,9 @@ def run_steps(
             act_on_guards(cfg, state, place, writer, out, verdict, loss)
             hooks.after_step(state, place, time.perf_counter() - started)
             every = cfg.guards.digest_every
-            if place.world_size > 1 and every and state.step % every == 0:
+            # shards differ by design: only replicas can be compared
+            replicas = place.world_size > 1 and not is_sharded(state.model)
+            if replicas and every and state.step % every == 0:
                 guard_digests(state, place)
             compute_s = time.perf_counter() - started
             stall_s = 0.0
@@ -276,7 +307,9 @@ def run_steps(
             if fleet is not None and fleet.due(state.step):
                 final = fleet.sync(state.step)
                 writer.last_saved_step = None  # the round changed the parameters
-            if evals is not None and evaluation_due(cfg, state.step, fleet is not None, final):
+            if evaluates(state, place) and evaluation_due(
+                cfg, state.step, fleet is not None, final
+            ):
                 evaluate_now(cfg, state, place, evals)
             if final:
                 break
@@ -299,13 +332,20 @@ def evaluation_due(cfg: Config, step: int, in_fleet: bool, final: bool) -> bool:
     return bool(every) and step % every == 0 and not last
 
 
-def evaluate_now(cfg: Config, state: RankState, place: Placement, evals: MetricsLog) -> None:
+def evaluates(state: RankState, place: Placement) -> bool:
+    """The main rank evaluates; with a sharded model every rank runs the same evaluation in
+    step (each forward pass gathers the shards from all of them), and the main rank writes."""
+    return place.is_main or is_sharded(state.model)
+
+
+def evaluate_now(cfg: Config, state: RankState, place: Placement, evals: MetricsLog | None) -> None:
     """An evaluation during training (after the step's round, if it ended one: a fleet island
     then holds the global model): validation loss, and accuracy on
     train.eval_every_problems held-out problems; its time is an `evaluate` span."""
     started = time.time()
     evaluation = evaluate(cfg, state, cfg.train.eval_every_problems)
-    append_evaluation(cfg, state, place, evals, evaluation)
+    if evals is not None:
+        append_evaluation(cfg, state, place, evals, evaluation)
     if state.events is not None:
         state.events.span("evaluate", started, time.time())
 

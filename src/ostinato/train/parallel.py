@@ -1,0 +1,182 @@
+"""How the ranks of one island share the model: FSDP2 shards (or HSDP, shards replicated over
+nodes), or DDP replicas. Everything here is torch.distributed's own: `fully_shard` over a
+device mesh, `torch.utils.checkpoint` through its composable `checkpoint`, DTensor for shards.
+
+A sharded model is built on the meta device, cut into shards, and only then given memory: each
+rank allocates and draws only its own rows (model/llama.py: `normal_rows`), with the values an
+uncut model would have, so no rank ever holds the whole model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed._composable import checkpoint
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Shard
+from torch.nn.parallel import DistributedDataParallel
+
+from ostinato.config import ModelConfig, ParallelConfig
+from ostinato.hardware import Placement
+from ostinato.model.llama import Llama
+
+
+def strategy_of(cfg: ParallelConfig, world_size: int, in_fleet: bool) -> str:
+    """What this island's ranks do: `single` (one rank), `fsdp` or `ddp`; a ValueError naming
+    the field for what cannot run, raised before any process group starts.
+
+    A fleet island of several ranks replicates for now (auto means ddp there): its exchange
+    flattens the whole model on every rank (fleet/outer.py), which a sharded island would
+    first have to cut by shard."""
+    if world_size == 1:
+        return "single"
+    if cfg.strategy == "fsdp" and in_fleet:
+        raise ValueError(
+            f"parallel.strategy = fsdp: a fleet island of {world_size} ranks cannot shard yet "
+            "(its fleet exchange needs the whole model on every rank); allowed: auto or ddp"
+        )
+    strategy = "ddp" if cfg.strategy == "auto" and in_fleet else cfg.strategy
+    strategy = "fsdp" if strategy == "auto" else strategy
+    if strategy == "fsdp" and world_size % cfg.replicate:
+        divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
+        raise ValueError(
+            f"parallel.replicate = {cfg.replicate}: the island's {world_size} ranks must divide "
+            f"by it (allowed: {', '.join(map(str, divisors))})"
+        )
+    return strategy
+
+
+def build_model(
+    cfg: ParallelConfig, model_cfg: ModelConfig, seed: int, place: Placement, strategy: str
+) -> Llama:
+    """The rank's model, initialised from `seed` the same way whatever the strategy: whole on
+    every rank for single and ddp (wrap it with `replicate` once it holds its final values),
+    sharded over the island for fsdp."""
+    if strategy != "fsdp":
+        model = Llama(model_cfg)
+        model.init_weights(seed)
+        recompute_activations(model, cfg)
+        return model.to(place.device)
+    with torch.device("meta"):
+        model = Llama(model_cfg)
+    mesh = island_mesh(cfg, place)
+    shard(model, cfg, mesh, place)
+    model.to_empty(device=place.device)
+    model.init_weights(seed, local=local_rows(mesh))
+    return model
+
+
+def island_mesh(cfg: ParallelConfig, place: Placement) -> DeviceMesh:
+    """1-D (shard) for FSDP; 2-D (replicate, shard) for HSDP."""
+    device = place.device.type
+    if cfg.replicate == 1:
+        return init_device_mesh(device, (place.world_size,), mesh_dim_names=("shard",))
+    shape = (cfg.replicate, place.world_size // cfg.replicate)
+    return init_device_mesh(device, shape, mesh_dim_names=("replicate", "shard"))
+
+
+def shard(model: Llama, cfg: ParallelConfig, mesh: DeviceMesh, place: Placement) -> None:
+    """FSDP2 as TorchTitan applies it: each decoder layer its own unit (gathered just before
+    it runs, freed after), the root holding embeddings, final norm and head."""
+    recompute_activations(model, cfg)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=precision(place))
+    fully_shard(model, mesh=mesh, mp_policy=precision(place))
+
+
+def recompute_activations(model: Llama, cfg: ParallelConfig) -> None:
+    for index, layer in enumerate(model.model.layers):
+        if recomputes(cfg.activation_checkpointing, index):
+            checkpoint(layer)  # composable: the parameters keep their names
+
+
+def recomputes(mode: str, layer_index: int) -> bool:
+    """Whether a layer's activations are recomputed in the backward pass (selective: every
+    other layer, TorchTitan's layer-level selective choice)."""
+    return mode == "full" or (mode == "selective" and layer_index % 2 == 0)
+
+
+def precision(place: Placement) -> MixedPrecisionPolicy:
+    """bf16 compute with fp32 gradient reduction on accelerators, fp32 master weights always;
+    fp32 throughout on CPU, where bf16 matmuls are slow."""
+    if place.is_accelerator:
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def local_rows(mesh: DeviceMesh):
+    """For `Llama.init_weights`: the rank's own rows of a sharded parameter and where they
+    start. FSDP2 cuts dim 0 as torch.chunk does: ceil(rows / shards) rows per shard."""
+    shards = mesh["shard"].size()
+    position = mesh["shard"].get_local_rank()
+
+    def rows(param: nn.Parameter) -> tuple[torch.Tensor, int]:
+        assert isinstance(param, DTensor) and param.placements[-1] == Shard(0), param.placements
+        chunk = -(-param.shape[0] // shards)
+        return param.to_local(), min(position * chunk, param.shape[0])
+
+    return rows
+
+
+def replicate(model: nn.Module, place: Placement, strategy: str) -> nn.Module:
+    """What a step runs: DDP around the model for ddp, the model itself otherwise (a sharded
+    model is its own wrapper)."""
+    if strategy != "ddp":
+        return model
+    device_ids = [place.device.index] if place.is_accelerator else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+@contextlib.contextmanager
+def gradient_sync(step_model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Reduce gradients in this backward pass only if `enabled` (the last micro-batch of an
+    accumulated step): DDP's no_sync, FSDP2's requires_gradient_sync."""
+    if enabled or not dist.is_initialized():
+        yield
+    elif isinstance(step_model, FSDPModule):
+        step_model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            step_model.set_requires_gradient_sync(True)
+    elif isinstance(step_model, DistributedDataParallel):
+        with step_model.no_sync():
+            yield
+    else:
+        yield
+
+
+def held_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the storage behind `tensors` on this rank (a shard's own, padding included;
+    each storage counted once however many views it backs)."""
+    storages = {}
+    for tensor in tensors:
+        local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+        storage = local.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def gradient_bytes(model: nn.Module) -> int:
+    return held_bytes(p.grad for p in model.parameters() if p.grad is not None)
+
+
+def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer, gradients: int) -> int:
+    """What training holds on this rank besides activations: parameters, `gradients` (bytes,
+    measured while they existed) and the optimizer's state."""
+    moments = (v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
+    return held_bytes(model.parameters()) + gradients + held_bytes(moments)
+
+
+def full_value(value: torch.Tensor) -> torch.Tensor:
+    """A reduced value as a plain tensor (FSDP2's gradient norm is a DTensor)."""
+    return value.full_tensor() if isinstance(value, DTensor) else value
