@@ -3,12 +3,17 @@
 import json
 
 import pytest
+import torch
 
+from ostinato.config import load_config
+from ostinato.model.llama import Llama, count_parameters
 from ostinato.plan.chips import FIGURES, load_profile, parse_profile, shipped_profiles
 from ostinato.plan.command import plan
 from ostinato.plan.costs import derive
 from ostinato.plan.errors import PlanError
 from ostinato.plan.scenario import build
+from ostinato.train.parallel import strategy_of
+from tests.conftest import ROOT
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -94,3 +99,36 @@ def test_plot_is_written(tmp_path):
     out = tmp_path / "g.png"
     assert plan(preset="torchft-l40s", plot=str(out), json_out=True) == 0
     assert out.stat().st_size > 1000
+
+
+def recipe_scenario(recipe: str, chips: int, **strategy) -> dict:
+    """A plan for a shipped training recipe on one island of `chips` H100s, from the recipe's
+    own model, sequence, micro-batch and [parallel] choices."""
+    cfg = load_config(ROOT / "configs" / recipe)
+    with torch.device("meta"):
+        params = count_parameters(Llama(cfg.model))
+    model = {"params": params, "n_layers": cfg.model.n_layers, "dim": cfg.model.dim}
+    model |= {"seq_len": cfg.data.seq_len, "micro_batch": cfg.train.batch_size}
+    parallel = {"parallel": strategy_of(cfg.parallel, chips, in_fleet=False)}
+    parallel["parallel"] = "fsdp" if parallel["parallel"] == "single" else parallel["parallel"]
+    parallel["activation_checkpointing"] = cfg.parallel.activation_checkpointing
+    hardware = {"profile": "h100", "chips": chips, "islands": 1}
+    return {"model": model, "hardware": hardware, "strategy": parallel | strategy}
+
+
+@pytest.mark.parametrize(("recipe", "least"), [("1b.toml", 1), ("8b.toml", 3)])
+def test_the_shipped_recipes_need_the_island_their_comments_state(recipe, least):
+    assert f"{least} H100" in (ROOT / "configs" / recipe).read_text().replace("one H100", "1 H100")
+    derive(build(recipe_scenario(recipe, least)))
+    if least > 1:
+        with pytest.raises(PlanError, match=f"island of {least - 1} would hold"):
+            derive(build(recipe_scenario(recipe, least - 1)))
+
+
+def test_replicated_state_that_sharding_would_fit_is_refused_naming_fsdp():
+    derive(build(recipe_scenario("8b.toml", 8)))
+    with pytest.raises(PlanError, match="128.5 GB of training state.*strategy.parallel = fsdp"):
+        derive(build(recipe_scenario("8b.toml", 8, parallel="ddp")))
+    # without recomputation the activations need two more chips' worth of room
+    with pytest.raises(PlanError, match="recomputation none.*at least 5 chips per island"):
+        derive(build(recipe_scenario("8b.toml", 4, activation_checkpointing="none")))

@@ -16,17 +16,20 @@ from ostinato.plan.chips import Profile, load_profile
 from ostinato.plan.errors import PlanError
 from ostinato.plan.intervals import daly_interval
 from ostinato.plan.scenario import IslandSpec, Scenario
+from ostinato.train.memory import (
+    STATE_BYTES_PER_PARAM,
+    activation_bytes_per_rank,
+    state_bytes_per_rank,
+)
 
-# Mixed-precision AdamW holds bf16 weights and gradients (2 + 2 bytes), fp32 master weights (4)
-# and two fp32 moments (8) per parameter, sharded across the chips of an island.
-STATE_BYTES_PER_PARAM = 16
 # A recovering torchft replica group copies master weights and both moments from a healthy peer.
 HEAL_BYTES_PER_PARAM = 12
 # A recovering fleet island copies the fp32 global parameters and the outer Nesterov momentum.
 DONOR_BYTES_PER_PARAM = 8
 # bf16 gradients are all-reduced between islands at every step by sync and torchft.
 GRAD_BYTES_PER_PARAM = 2
-# Share of chip memory the training state may take; activations and buffers need the rest.
+# Share of chip memory the training state and activations may take; communication buffers,
+# the gathered layer of a sharded model and the allocator's cache need the rest.
 MEMORY_HEADROOM = 0.8
 # A gradient all-reduce can hide behind the backward pass, about two thirds of a step's compute.
 BACKWARD_SHARE = 2 / 3
@@ -205,19 +208,40 @@ def _island_costs(
 
 
 def _check_memory(scenario: Scenario, index: int, island: IslandSpec, prof: Profile) -> None:
-    params = scenario.model.params
-    need = params * STATE_BYTES_PER_PARAM
-    have = island.chips * prof.memory_bytes * MEMORY_HEADROOM
-    if need > have:
-        least = math.ceil(need / (prof.memory_bytes * MEMORY_HEADROOM))
-        raise PlanError(
-            f"model.params = {params:.3g} does not fit: its training state takes {need / 1e12:.2f} TB "
-            f"({STATE_BYTES_PER_PARAM} bytes per parameter: bf16 weights and gradients, fp32 master "
-            f"weights and two Adam moments), but an island of {island.chips} {prof.name} holds "
-            f"{have / 1e12:.2f} TB ({MEMORY_HEADROOM:.0%} of memory; activations need the rest). "
-            f"Use at least {least} chips per island ({scenario.field_name(index, 'chips')}), fewer "
-            f"islands, or a smaller model."
-        )
+    """Refuse what the trainer could not run: its own formulas (train/memory.py) for the state
+    of `strategy.parallel` on one chip of the island, and, when the model's shape is given, the
+    activations of one sequence with `strategy.activation_checkpointing`."""
+    model, st = scenario.model, scenario.strategy
+    state = state_bytes_per_rank(model.params, st.parallel, island.chips)
+    activations = 0.0
+    if model.n_layers and model.dim:
+        recompute = st.activation_checkpointing
+        tokens = model.seq_len * model.micro_batch
+        activations = activation_bytes_per_rank(model.n_layers, model.dim, tokens, recompute)
+    have = prof.memory_bytes * MEMORY_HEADROOM
+    if state + activations <= have:
+        return
+    fixes = []
+    if st.parallel == "ddp":
+        fixes.append("strategy.parallel = fsdp (shards the state over the island)")
+    elif activations < have:  # more chips shrink each one's share of the state, not activations
+        least = math.ceil(model.params * STATE_BYTES_PER_PARAM / (have - activations))
+        fixes.append(f"at least {least} chips per island ({scenario.field_name(index, 'chips')})")
+    if activations and st.activation_checkpointing != "full":
+        fixes.append("strategy.activation_checkpointing = full")
+    if activations >= have:  # ostinato cuts no sequence across chips (no tensor parallelism)
+        fixes.append("a shorter model.seq_len")
+    raise PlanError(
+        f"model.params = {model.params:.3g} does not fit: one {prof.name} of an island of "
+        f"{island.chips} would hold {state / 1e9:.1f} GB of training state ({st.parallel}: "
+        f"{STATE_BYTES_PER_PARAM} bytes per parameter, fp32 weights, gradients and two Adam "
+        f"moments{', sharded' if st.parallel == 'fsdp' else ', all of it'}) and "
+        f"{activations / 1e9:.1f} GB of activations ({model.micro_batch} x {model.seq_len} "
+        f"tokens, "
+        f"recomputation {st.activation_checkpointing}), more than its {have / 1e9:.1f} GB "
+        f"({MEMORY_HEADROOM:.0%} of memory). Use {' or '.join(fixes)}, fewer islands, or a "
+        f"smaller model."
+    )
 
 
 def _exchange(scenario: Scenario, step_s: float) -> tuple[float, float]:

@@ -43,6 +43,9 @@ class ModelSpec:
     )
     dim: int = option(0, "hidden size, for the attention FLOPs", ge=0)
     seq_len: int = option(8192, "tokens per training sequence", gt=0)
+    micro_batch: int = option(
+        1, "sequences each chip runs forward and backward at once (train.batch_size)", gt=0
+    )
     tokens: float = option(1e12, "tokens to train on", gt=0)
     batch_tokens: float = option(4e6, "tokens per optimizer step, all islands together", gt=0)
 
@@ -109,6 +112,18 @@ class StrategySpec:
         0.0, 'seconds of work between checkpoints (sync), or "optimal" (Young/Daly)', ge=0
     )
     checkpoint_s: float = option(30.0, "seconds a checkpoint blocks training (sync)", ge=0)
+    parallel: str = option(
+        "fsdp",
+        "how an island's chips hold the training state, as the trainer's parallel.strategy: "
+        "fsdp shards it over the island, ddp keeps a full copy on every chip",
+        choices=("fsdp", "ddp"),
+    )
+    activation_checkpointing: str = option(
+        "none",
+        "as the trainer's parallel.activation_checkpointing: recompute every layer's "
+        "activations (full), every other layer's (selective), or none",
+        choices=("none", "full", "selective"),
+    )
     inner_steps: int = option(500, "inner steps per round, H (fleet)", gt=0)
     budget: str = option(
         "steps",

@@ -84,8 +84,11 @@ def shard(model: Llama, cfg: ParallelConfig, mesh: DeviceMesh, place: Placement)
     """FSDP2 as TorchTitan applies it: each decoder layer its own unit (gathered just before
     it runs, freed after), the root holding embeddings, final norm and head."""
     recompute_activations(model, cfg)
-    for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh, mp_policy=precision(place))
+    layers = model.model.layers
+    for index, layer in enumerate(layers):
+        # the last layer's backward comes right after its forward: keep it gathered till then
+        last = index == len(layers) - 1
+        fully_shard(layer, mesh=mesh, mp_policy=precision(place), reshard_after_forward=not last)
     fully_shard(model, mesh=mesh, mp_policy=precision(place))
 
 

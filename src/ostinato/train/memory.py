@@ -1,0 +1,46 @@
+"""What one rank holds while training, as a formula: the planner reads it (plan/costs.py) to
+say whether a model fits an island, and the trainer measures the same thing from its tensors
+(summary.json's `state_bytes_per_rank`); tests/integration/test_fsdp.py holds the two together.
+
+Strategy and recomputation names are those of the `[parallel]` section (train/parallel.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+# Per parameter: fp32 master weights (4), their gradients (4; FSDP2 keeps the sharded gradient
+# in the parameters' fp32 and reduces it in fp32 on accelerators too) and AdamW's two fp32
+# moments (8). The bf16 copies an accelerator computes with are gathered one layer at a time.
+STATE_BYTES_PER_PARAM = 16
+# Activation bytes per token and hidden unit that one decoder layer saves for its backward pass
+# in 16-bit training, with fused attention (no sequence-squared term): Korthikanti et al. 2022,
+# "Reducing Activation Recomputation in Large Transformer Models" (arXiv 2205.05198), eq. 1.
+LAYER_ACTIVATION_BYTES = 34
+# What a recomputed layer keeps: its 16-bit input.
+LAYER_INPUT_BYTES = 2
+
+
+def state_bytes_per_rank(params: float, strategy: str, ranks: int) -> float:
+    """Parameters, gradients and optimizer state on one rank: ddp keeps all of it everywhere,
+    fsdp one rank's share (FSDP2 pads each parameter to a multiple of the rank count)."""
+    whole = params * STATE_BYTES_PER_PARAM
+    return whole / ranks if strategy == "fsdp" else whole
+
+
+def recomputed_layers(mode: str, n_layers: int) -> int:
+    """Layers whose activations are recomputed: all (full), every other one (selective: the
+    even-numbered, as train/parallel.py's `recomputes`), or none."""
+    return {"none": 0, "full": n_layers, "selective": math.ceil(n_layers / 2)}[mode]
+
+
+def activation_bytes_per_rank(
+    n_layers: int, dim: int, tokens: int, recompute: str = "none"
+) -> float:
+    """Activations of one micro-batch of `tokens` tokens at the peak of its backward pass: the
+    kept layers' saved tensors, the recomputed layers' inputs, and one recomputed layer whole."""
+    kept = n_layers - recomputed_layers(recompute, n_layers)
+    per_layer = tokens * dim
+    saved = kept * LAYER_ACTIVATION_BYTES + (n_layers - kept) * LAYER_INPUT_BYTES
+    rebuilt = LAYER_ACTIVATION_BYTES if kept < n_layers else 0
+    return per_layer * (saved + rebuilt)
