@@ -137,9 +137,14 @@ def fleet_local(
     warm_spare: Annotated[
         bool, typer.Option(help="Keep a process with the trainer imported for the next restart.")
     ] = True,
+    ranks: Annotated[
+        str | None,
+        typer.Option(help="Ranks of each island, comma-separated, e.g. 2,1 (torchrun; default 1)."),
+    ] = None,
     debug: Debug = False,
 ) -> None:
-    """Run a whole fleet on this machine: a coordinator and one process per island.
+    """Run a whole fleet on this machine: a coordinator and one process per island (or, with
+    --ranks, one torchrun per island of several ranks).
 
     Every --section.key=value goes to all islands (and --fleet.* also to the coordinator);
     --for b:train.threads=1 changes island b only. An island that dies or exits 1 or 4 (an
@@ -148,13 +153,14 @@ def fleet_local(
     Exits 0 when the run completes, 1 (or the islands' 4) when an island ran out of restarts.
     """
     from ostinato.config import load_config
-    from ostinato.fleet.local import LocalFleet, island_names, parse_per_island
+    from ostinato.fleet.local import LocalFleet, island_names, island_ranks, parse_per_island
 
     overrides = parse_overrides(ctx.args)
     load_config(config, overrides)  # refuse a bad config before starting anything
     chosen = island_names(islands, names)
     per_island = parse_per_island(for_island or [], chosen)
     fleet = LocalFleet(config, out, chosen, overrides, per_island, resume, max_restarts, warm_spare)
+    fleet.ranks = island_ranks(ranks, chosen)
     raise typer.Exit(fleet.run())
 
 

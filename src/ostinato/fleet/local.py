@@ -13,6 +13,7 @@ import os
 import queue
 import secrets
 import shutil
+import signal
 import string
 import subprocess
 import sys
@@ -45,6 +46,19 @@ def island_names(count: int, names: str | None) -> list[str]:
     return list(string.ascii_lowercase[:count])
 
 
+def island_ranks(ranks: str | None, names: list[str]) -> dict[str, int]:
+    """`--ranks 2,1` into {island: ranks}; every island has one rank without it."""
+    if ranks is None:
+        return dict.fromkeys(names, 1)
+    words = [w.strip() for w in ranks.split(",")]
+    if len(words) != len(names) or not all(w.isdigit() and int(w) >= 1 for w in words):
+        raise ValueError(
+            f"--ranks {ranks!r}: give {len(names)} whole numbers >= 1, one per island "
+            f"({', '.join(names)}), e.g. --ranks {','.join(['2'] + ['1'] * (len(names) - 1))}"
+        )
+    return {name: int(w) for name, w in zip(names, words, strict=True)}
+
+
 @dataclass
 class IslandProcess:
     name: str
@@ -67,12 +81,20 @@ def _spawn(
     lines: queue.Queue,
     env: dict[str, str],
     spare: Spare | None = None,
+    own_session: bool = False,
 ) -> subprocess.Popen:
-    """Run `command`: in the warm spare if there is one, else in a new process."""
+    """Run `command`: in the warm spare if there is one, else in a new process; in a session
+    of its own if asked (an island of several ranks, to be killed whole: `_kill`)."""
     process = spare.take(command) if spare is not None else None
     if process is None:
         process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            bufsize=1,
+            start_new_session=own_session,
         )
     threading.Thread(target=_pump, args=(prefix, process.stdout, lines), daemon=True).start()
     return process
@@ -101,6 +123,7 @@ class LocalFleet:
         self.islands: dict[str, IslandProcess] = {}
         self.spare = Spare(self.env) if warm_spare else None
         self.guard_events_seen = 0
+        self.ranks: dict[str, int] = dict.fromkeys(names, 1)  # an island of several: torchrun
         self.log: list[dict] = []  # what the supervisor saw and did, with unix times
 
     def start_coordinator(self) -> str:
@@ -143,6 +166,10 @@ class LocalFleet:
 
     def island_command(self, name: str, address: str) -> list[str]:
         command = [sys.executable, "-m", "ostinato", "train", "--config", str(self.config)]
+        if self.ranks[name] > 1:  # the supervisor restarts the whole island, not torchrun
+            launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+            launcher += [f"--nproc_per_node={self.ranks[name]}", "--max-restarts=0"]
+            command = [*launcher, *command[1:]]
         command += ["--out", str(self.out / name), "--resume", self.resume]
         command += [f"--{o}" for o in self.overrides]
         command += [f"--fleet.coordinator={address}", f"--fleet.island={name}"]
@@ -158,7 +185,8 @@ class LocalFleet:
         console.print(f"[bold]fleet[/] coordinator on {address}; islands {', '.join(self.names)}")
         for name in self.names:
             island = IslandProcess(name, self.island_command(name, address))
-            island.process = _spawn(island.command, name, self.lines, self.env)
+            several = self.ranks[name] > 1
+            island.process = _spawn(island.command, name, self.lines, self.env, None, several)
             self.islands[name] = island
         self._write_pids()
         try:
@@ -209,7 +237,7 @@ class LocalFleet:
         if island.started_at > silent_since:
             return
         console.print(f"[yellow]fleet: island {name} is alive but {how}; killing it[/]")
-        island.process.kill()
+        _kill(island.process)
         self.note("killed", name)
 
     def note(self, what: str, island: str, **extra) -> None:
@@ -230,7 +258,9 @@ class LocalFleet:
         )
         command = [*island.command]
         command[command.index("--resume") + 1] = "auto"
-        island.process = _spawn(command, island.name, self.lines, self.env, self.spare)
+        several = self.ranks[island.name] > 1  # the spare is one process
+        spare = None if several else self.spare
+        island.process = _spawn(command, island.name, self.lines, self.env, spare, several)
         island.started_at = time.time()
         self._write_pids()
         self.note("restarted", island.name)
@@ -260,13 +290,24 @@ class LocalFleet:
             self.spare.stop()
         for island in self.islands.values():
             if island.process and island.process.poll() is None:
-                island.process.kill()
+                _kill(island.process)
         if self.coordinator and self.coordinator.poll() is None:
             self.coordinator.terminate()
             try:
                 self.coordinator.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.coordinator.kill()
+
+
+def _kill(process: subprocess.Popen) -> None:
+    """SIGKILL an island: its session (torchrun and its ranks) when it leads one, else itself."""
+    try:
+        if os.getpgid(process.pid) == process.pid:
+            os.killpg(process.pid, signal.SIGKILL)
+            return
+    except ProcessLookupError:
+        return
+    process.kill()
 
 
 def should_restart(code: int, restarts: int, max_restarts: int) -> bool:
