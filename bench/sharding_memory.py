@@ -88,6 +88,7 @@ def activation_worker(mode: str, steps: int, out: Path) -> None:
     from ostinato.checkpoint.state import init_optimizer_state
     from ostinato.config import load_config
     from ostinato.hardware import Placement
+    from ostinato.train.memory import activation_bytes_per_rank
     from ostinato.train.parallel import build_model
     from ostinato.train.state import make_optimizer
 
@@ -113,6 +114,11 @@ def activation_worker(mode: str, steps: int, out: Path) -> None:
         activations.append(peak_rss_bytes() - before)
     # the first step also allocates the gradients: count from the second
     result = {"activation_bytes": min(activations[1:]), "step_s": statistics.median(times[1:])}
+    m = cfg.model  # what the planner would say (train/memory.py), in fp32 as on this CPU
+    tokens = shape[0] * cfg.data.seq_len
+    result["formula_bytes"] = activation_bytes_per_rank(
+        m.n_layers, m.dim, tokens, mode, m.vocab_size, value_bytes=4
+    )
     out.write_text(json.dumps(result))
 
 
@@ -171,7 +177,7 @@ def activation_table(steps: int) -> dict[str, dict]:
             r = results[mode]
             print(
                 f"activation checkpointing {mode:9} activations {r['activation_bytes'] / 2**20:7.1f}"
-                f" MiB  step {r['step_s']:.2f} s",
+                f" MiB (formula {r['formula_bytes'] / 2**20:.1f})  step {r['step_s']:.2f} s",
                 flush=True,
             )
     return results

@@ -21,6 +21,7 @@ from ostinato.model.llama import Llama, count_parameters
 from ostinato.train.memory import state_bytes_per_rank
 from ostinato.train.metrics import read_metrics
 from tests.conftest import TINY, cli_env
+from tests.dist.test_ddp import WORKER
 from tests.integration.test_resume import assert_identical
 
 pytestmark = pytest.mark.timeout(300)
@@ -162,3 +163,23 @@ def test_a_strategy_that_cannot_run_is_refused_before_any_process_group(tmp_path
     done = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode == 2, done.stderr[-2000:]
     assert message in done.stderr
+
+
+def test_hsdp_replicas_of_a_shard_are_compared_and_a_flipped_bit_repaired(tmp_path):
+    """4 ranks as 2 replicas of 2 shards: ranks 1 and 3 hold the same shard. A bit flipped in
+    rank 3's shard after step 8 is found by the rank digest guard among the replicas of that
+    shard, and rank 3 takes rank 1's values, so the replicas end identical."""
+    out = tmp_path / "run"
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4"]
+    overrides = ["train.steps=12", "train.batch_size=2", "checkpoint.every=0", "train.samples=0"]
+    overrides += ["parallel.replicate=2", "guards.digest_every=4", "faults.schedule=bitflip@step=8"]
+    command = [*run, str(WORKER), str(TINY), str(out), *overrides]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=cli_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "fault bitflip: after step 8, rank 3's" in done.stderr
+    assert "guard digest: rank 3's parameters differ from the island's; repaired from rank 1" in (
+        done.stderr
+    )
+    digests = [json.loads((out / f"rank{r}.json").read_text())["digest"] for r in range(4)]
+    assert digests[0] == digests[2] and digests[1] == digests[3], digests  # replicas agree
+    assert digests[0] != digests[1]  # and shards differ

@@ -217,7 +217,9 @@ def _check_memory(scenario: Scenario, index: int, island: IslandSpec, prof: Prof
     if model.n_layers and model.dim:
         recompute = st.activation_checkpointing
         tokens = model.seq_len * model.micro_batch
-        activations = activation_bytes_per_rank(model.n_layers, model.dim, tokens, recompute)
+        activations = activation_bytes_per_rank(
+            model.n_layers, model.dim, tokens, recompute, model.vocab_size
+        )
     have = prof.memory_bytes * MEMORY_HEADROOM
     if state + activations <= have:
         return

@@ -43,6 +43,9 @@ class ModelSpec:
     )
     dim: int = option(0, "hidden size, for the attention FLOPs", ge=0)
     seq_len: int = option(8192, "tokens per training sequence", gt=0)
+    vocab_size: int = option(
+        0, "vocabulary, for the output layer's activations (0: leave them out)", ge=0
+    )
     micro_batch: int = option(
         1, "sequences each chip runs forward and backward at once (train.batch_size)", gt=0
     )

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from ostinato.config import GuardsConfig
 
@@ -103,10 +104,15 @@ def rank_digest(model: nn.Module) -> torch.Tensor:
     moves its word by a power of two, so one flip always shows. Cheap: no copy to the host.
     """
     words = [
-        p.detach().view(WORD_TYPES[p.element_size()]).sum(dtype=torch.int64)
+        local(p.detach()).view(WORD_TYPES[p.element_size()]).sum(dtype=torch.int64)
         for p in model.parameters()
     ]
     return torch.stack(words)
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor: a sharded one's own shard."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def majority_rank(digests: Sequence[torch.Tensor]) -> int:
@@ -117,28 +123,34 @@ def majority_rank(digests: Sequence[torch.Tensor]) -> int:
     return next(rank for rank, key in enumerate(keys) if counts[key] == most)
 
 
-def check_rank_digests(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[int, int]:
-    """Compare the island's ranks and repair the odd ones: {repaired rank: rank it copied}.
+def check_rank_digests(
+    model: nn.Module, optimizer: torch.optim.Optimizer, group: dist.ProcessGroup
+) -> dict[int, int]:
+    """Compare the ranks of `group`, which must hold identical parameters (DDP's replicas, or
+    HSDP's replicas of one shard), and repair the odd ones: {repaired rank: rank it copied}.
 
-    Ranks of a data-parallel island must hold identical parameters; DDP never checks, so a bit
-    flipped in one rank's memory would otherwise persist silently. A collective: every rank calls.
-    """
+    DDP never checks, so a bit flipped in one rank's memory would otherwise persist silently.
+    A collective: every rank of `group` calls."""
     mine = rank_digest(model)
-    digests = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(digests, mine)
+    digests = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(digests, mine, group=group)
     source = majority_rank(digests)
     odd = [r for r, d in enumerate(digests) if not torch.equal(d, digests[source])]
     if odd:
-        copy_from_rank(model, optimizer, source)
-    return dict.fromkeys(odd, source)
+        copy_from_rank(model, optimizer, source, group)
+    ranks = [dist.get_global_rank(group, r) for r in range(len(digests))]
+    return {ranks[r]: ranks[source] for r in odd}
 
 
-def copy_from_rank(model: nn.Module, optimizer: torch.optim.Optimizer, source: int) -> None:
-    """Every rank takes `source`'s parameters and optimizer state (a collective)."""
+def copy_from_rank(
+    model: nn.Module, optimizer: torch.optim.Optimizer, source: int, group: dist.ProcessGroup
+) -> None:
+    """Every rank of `group` takes the parameters and optimizer state of its rank `source`."""
+    src = dist.get_global_rank(group, source)
     for param in model.parameters():
-        dist.broadcast(param.data, source)
+        dist.broadcast(local(param.data), src, group=group)
         for name in sorted(optimizer.state.get(param, {})):
-            value = optimizer.state[param][name]
-            moved = value.to(param.device)  # AdamW keeps `step` on the host; nccl needs a device
-            dist.broadcast(moved, source)
+            value = local(optimizer.state[param][name])
+            moved = value.to(local(param).device)  # AdamW keeps `step` on the host; nccl: device
+            dist.broadcast(moved, src, group=group)
             value.copy_(moved)

@@ -13,12 +13,15 @@ import math
 # in the parameters' fp32 and reduces it in fp32 on accelerators too) and AdamW's two fp32
 # moments (8). The bf16 copies an accelerator computes with are gathered one layer at a time.
 STATE_BYTES_PER_PARAM = 16
-# Activation bytes per token and hidden unit that one decoder layer saves for its backward pass
-# in 16-bit training, with fused attention (no sequence-squared term): Korthikanti et al. 2022,
-# "Reducing Activation Recomputation in Large Transformer Models" (arXiv 2205.05198), eq. 1.
-LAYER_ACTIVATION_BYTES = 34
-# What a recomputed layer keeps: its 16-bit input.
-LAYER_INPUT_BYTES = 2
+# Activation values per token and hidden unit that one decoder layer saves for its backward pass,
+# with fused attention (no sequence-squared term): Korthikanti et al. 2022, "Reducing Activation
+# Recomputation in Large Transformer Models" (arXiv 2205.05198), eq. 1: 34 bytes in 16-bit.
+LAYER_ACTIVATION_VALUES = 17
+# What a recomputed layer keeps: its input.
+LAYER_INPUT_VALUES = 1
+# The output layer keeps its logits (in the compute precision) and the fp32 log-softmax the
+# cross-entropy works on: per token, (value bytes + 4) per vocabulary entry.
+LOG_SOFTMAX_BYTES = 4
 
 
 def state_bytes_per_rank(params: float, strategy: str, ranks: int) -> float:
@@ -35,12 +38,19 @@ def recomputed_layers(mode: str, n_layers: int) -> int:
 
 
 def activation_bytes_per_rank(
-    n_layers: int, dim: int, tokens: int, recompute: str = "none"
+    n_layers: int,
+    dim: int,
+    tokens: int,
+    recompute: str = "none",
+    vocab_size: int = 0,
+    value_bytes: int = 2,
 ) -> float:
     """Activations of one micro-batch of `tokens` tokens at the peak of its backward pass: the
-    kept layers' saved tensors, the recomputed layers' inputs, and one recomputed layer whole."""
+    kept layers' saved tensors, the recomputed layers' inputs, one recomputed layer whole, and
+    the output layer's logits (`vocab_size`; 0 leaves them out). `value_bytes`: 2 for bf16
+    compute (accelerators), 4 for fp32 (CPU)."""
     kept = n_layers - recomputed_layers(recompute, n_layers)
-    per_layer = tokens * dim
-    saved = kept * LAYER_ACTIVATION_BYTES + (n_layers - kept) * LAYER_INPUT_BYTES
-    rebuilt = LAYER_ACTIVATION_BYTES if kept < n_layers else 0
-    return per_layer * (saved + rebuilt)
+    saved = kept * LAYER_ACTIVATION_VALUES + (n_layers - kept) * LAYER_INPUT_VALUES
+    rebuilt = LAYER_ACTIVATION_VALUES if kept < n_layers else 0
+    layers = tokens * dim * (saved + rebuilt) * value_bytes
+    return layers + tokens * vocab_size * (value_bytes + LOG_SOFTMAX_BYTES)

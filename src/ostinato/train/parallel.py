@@ -139,6 +139,18 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
+def replica_group(model: nn.Module) -> dist.ProcessGroup | None:
+    """The ranks that hold the same values as this one (the rank digest guard compares them):
+    the whole island with ddp, the ranks holding the same shard with HSDP; None where no other
+    rank does (one rank, plain FSDP)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    if not is_sharded(model):
+        return dist.group.WORLD
+    mesh = next(model.parameters()).device_mesh
+    return mesh.get_group("replicate") if mesh.ndim == 2 else None
+
+
 @contextlib.contextmanager
 def gradient_sync(step_model: nn.Module, enabled: bool) -> Iterator[None]:
     """Reduce gradients in this backward pass only if `enabled` (the last micro-batch of an

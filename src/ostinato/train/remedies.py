@@ -7,6 +7,8 @@ import logging
 import time
 from pathlib import Path
 
+import torch.distributed as dist
+
 from ostinato.checkpoint.state import restore
 from ostinato.checkpoint.store import CheckpointWriter, latest_good
 from ostinato.config import Config
@@ -78,9 +80,10 @@ def skip_spike(
     roll_back(cfg, state, writer, out, "spike", finding, f", skipping {skip} steps of data")
 
 
-def guard_digests(state: RankState, place: Placement) -> None:
-    """Compare the ranks' parameter digests and repair any rank that holds other parameters."""
-    repaired = check_rank_digests(state.model, state.optimizer)
+def guard_digests(state: RankState, place: Placement, replicas: dist.ProcessGroup) -> None:
+    """Compare the parameter digests of the ranks that hold the same values (`replicas`), and
+    repair any rank that holds other ones."""
+    repaired = check_rank_digests(state.model, state.optimizer, replicas)
     if not place.is_main:
         return
     for rank, source in repaired.items():

@@ -36,6 +36,7 @@ from ostinato.train.parallel import (
     gradient_bytes,
     gradient_sync,
     is_sharded,
+    replica_group,
     state_bytes,
     strategy_of,
 )
@@ -254,6 +255,7 @@ def run_steps(
         total, state.step, cfg.train.log_every, show_progress and place.is_main
     )
     tokens_per_step = island_tokens_per_step(cfg, place)
+    replicas = replica_group(state.model)  # shards differ by design: only replicas compare
     loss = None
     try:
         while state.step < cfg.train.steps if fleet is None else fleet.member.active:
@@ -266,10 +268,8 @@ def run_steps(
             act_on_guards(cfg, state, place, writer, out, verdict, loss)
             hooks.after_step(state, place, time.perf_counter() - started)
             every = cfg.guards.digest_every
-            # shards differ by design: only replicas can be compared
-            replicas = place.world_size > 1 and not is_sharded(state.model)
-            if replicas and every and state.step % every == 0:
-                guard_digests(state, place)
+            if replicas is not None and every and state.step % every == 0:
+                guard_digests(state, place, replicas)
             compute_s = time.perf_counter() - started
             stall_s = 0.0
             if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0:
