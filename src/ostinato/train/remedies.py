@@ -7,6 +7,7 @@ import logging
 import time
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from ostinato.checkpoint.state import restore
@@ -80,10 +81,19 @@ def skip_spike(
     roll_back(cfg, state, writer, out, "spike", finding, f", skipping {skip} steps of data")
 
 
+def island_repairs(repaired: dict[int, int]) -> dict[int, int]:
+    """Every rank's repair, known to every rank: HSDP compares within each shard's replicas, so
+    the main rank may not be among those that found one."""
+    mine = torch.tensor([repaired.get(dist.get_rank(), -1)])
+    sources = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(sources, mine)
+    return {rank: int(s) for rank, s in enumerate(sources) if int(s) >= 0}
+
+
 def guard_digests(state: RankState, place: Placement, replicas: dist.ProcessGroup) -> None:
     """Compare the parameter digests of the ranks that hold the same values (`replicas`), and
     repair any rank that holds other ones."""
-    repaired = check_rank_digests(state.model, state.optimizer, replicas)
+    repaired = island_repairs(check_rank_digests(state.model, state.optimizer, replicas))
     if not place.is_main:
         return
     for rank, source in repaired.items():
