@@ -171,7 +171,16 @@ class FleetConfig:
     grace_s: float = option(
         5.0, "how long ready islands wait for the others before a partial round", ge=0.0
     )
-    timeout_s: float = option(20.0, "timeout of one cross-island collective", ge=0.5)
+    timeout_s: float = option(
+        20.0, "timeout of one cross-island collective, beyond its payload's transfer time", ge=0.5
+    )
+    link_floor_mbit_s: float = option(
+        100.0,
+        "slowest link an island is assumed to have, Mbit/s: an exchange or heal may take its "
+        "payload's bytes at this rate (or at half the rate measured, if slower) on top of "
+        "fleet.timeout_s",
+        gt=0.0,
+    )
     heartbeat_s: float = option(0.5, "seconds between heartbeats", ge=0.05)
     heartbeat_timeout_s: float = option(5.0, "silence after which an island counts as gone", ge=0.2)
     progress_timeout_s: float = option(
@@ -331,8 +340,9 @@ EXCHANGE_MARGIN_S = 5.0  # after the collective's timeout: members report, emula
 
 
 def exchange_deadline_s(fleet: FleetConfig) -> float:
-    """How long the coordinator lets an exchange run before it aborts it: past the collective's
-    own timeout, so a member's gloo error is reported first."""
+    """How long the coordinator lets an exchange run before it aborts it, before the payload's
+    transfer time (fleet/deadlines.py adds it): past the collective's own timeout, so a member's
+    gloo error is reported first."""
     return fleet.timeout_s + EXCHANGE_MARGIN_S
 
 

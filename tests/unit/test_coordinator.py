@@ -126,8 +126,8 @@ class Island:
         self.keys.put(f"hb/{self.name}", {"state": "training", "n": self.beats})
         self.beats += 1
 
-    def ready(self, number: int, tokens: int = 100) -> None:
-        ready = {"tokens": tokens, "data": {"pos": number}, "nonce": self.nonce}
+    def ready(self, number: int, tokens: int = 100, **sizes: Any) -> None:
+        ready = {"tokens": tokens, "data": {"pos": number}, "nonce": self.nonce, **sizes}
         self.keys.put(f"ready/{number}/{self.name}", ready)
 
     def result(
@@ -812,3 +812,26 @@ def test_the_coordinator_bumps_orders_after_a_tick_that_wrote(make_coordinator):
     a.knock(coordinator)  # the coordinator writes a challenge, then a reply
     after = a.keys.counter(wire.ORDERS)
     assert after > before
+
+
+def test_the_exchange_deadline_allows_for_the_payload_on_the_slowest_link(make_coordinator):
+    """Each member receives every other's message: the deadline adds their bytes at the floor
+    rate (here 1 kB/s), or at half the slowest rate a member measured; a nonsense report adds
+    nothing (fleet/deadlines.py)."""
+    coordinator = make_coordinator(link_floor_mbit_s=0.008)  # 1,000 bytes per second
+    a, b, c = Island(coordinator, "a"), Island(coordinator, "b"), Island(coordinator, "c")
+    for island in (a, b, c):
+        island.knock(coordinator)
+    a.ready(1, bytes=3000, rate=0)
+    b.ready(1, bytes=1000, rate=float("inf"))
+    c.ready(1, bytes=-1, rate=4000)  # c's link measured 4 kB/s: faster than the floor
+    drive(coordinator, [a, b, c], planned(coordinator, 1, 0))
+    base = coordinator.cfg.timeout_s + 5.0  # the collective's timeout and the margin
+    assert coordinator.round.overdue_s == pytest.approx(base + 2 * 3000 / 1000)
+    for island in (a, b, c):
+        island.result(1, 0)
+    drive(coordinator, [a, b, c], decided(coordinator, 1, 0))
+    for island, rate in ((a, 500), (b, 0), (c, 1e40)):  # a measured 500 B/s: slower
+        island.ready(2, bytes=3000, rate=rate)
+    drive(coordinator, [a, b, c], planned(coordinator, 2, 0))
+    assert coordinator.round.overdue_s == pytest.approx(base + 2 * 3000 / 250)

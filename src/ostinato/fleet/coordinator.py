@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ostinato.config import FleetConfig, GuardsConfig, exchange_deadline_s
+from ostinato.config import FleetConfig, GuardsConfig
 from ostinato.fleet import wire
+from ostinato.fleet.deadlines import bounded, exchange_overdue_s
 from ostinato.fleet.guards import GuardLog
 from ostinato.fleet.joining import heal_group
 from ostinato.fleet.liveness import KEY as LIVENESS_KEY
@@ -46,6 +47,7 @@ class RoundState:
     members: list[str] = field(default_factory=list)
     first_ready_at: float | None = None
     exchange_started: float = 0.0
+    overdue_s: float = 0.0  # when the exchange counts as overdue (fleet/deadlines.py)
     tried: list[tuple[int, list[str]]] = field(default_factory=list)  # (attempt, members)
 
 
@@ -268,8 +270,17 @@ class Coordinator:
         grace_over = now - state.first_ready_at >= self.cfg.grace_s
         if ready == live or (grace_over and len(ready) >= self.cfg.min_islands):
             state.phase, state.members, state.exchange_started = "exchange", ready, now
+            state.overdue_s = self._exchange_deadline(state.number, ready)
             state.tried.append((state.attempt, ready))
             self.keys.put(f"round/{state.number}", {"attempt": state.attempt, "members": ready})
+
+    def _exchange_deadline(self, number: int, members: list[str]) -> float:
+        """Seconds the members may take to exchange: their messages' size (each receives every
+        other's) at the floor rate, or at the slowest rate a member last measured."""
+        ready = [self.keys.get(f"ready/{number}/{m}") or {} for m in members]
+        size = max(bounded(r.get("bytes")) for r in ready)
+        rates = [rate for r in ready if (rate := bounded(r.get("rate"))) > 0]
+        return exchange_overdue_s(self.cfg, size * (len(members) - 1), min(rates, default=0.0))
 
     def _restore_orphans(self) -> None:
         """No member of the last committed round is alive, so no joiner can be healed. Each
@@ -338,7 +349,7 @@ class Coordinator:
                 self._abort("the members' digests differ and too few agree")
             return
         gone = [m for m in state.members if m not in self._alive()]
-        overdue = time.monotonic() - state.exchange_started > exchange_deadline_s(self.cfg)
+        overdue = time.monotonic() - state.exchange_started > state.overdue_s
         if gone or overdue:
             self._abort(f"gone: {', '.join(gone)}" if gone else "exchange overdue")
 

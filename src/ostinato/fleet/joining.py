@@ -20,6 +20,7 @@ from torch import nn
 from ostinato import errors
 from ostinato.config import FleetConfig
 from ostinato.fleet import wire
+from ostinato.fleet.deadlines import collective_timeout_s
 from ostinato.fleet.heartbeat import Heartbeat
 from ostinato.fleet.membership import knock
 from ostinato.fleet.outer import OuterState
@@ -194,8 +195,8 @@ class Joining:
     def _receive_heal(self, order: dict[str, Any]) -> torch.Tensor:
         """The donor's sealed fleet state, as it arrived."""
         name = heal_group(order["round"], self.island, self.nonce)
-        group = self._group(name, rank=1, size=2)
         sealed = torch.empty(self.outer.numel * 2 * 4 + wire.MAC_BYTES, dtype=torch.uint8)
+        group = self._group(name, rank=1, size=2, nbytes=sealed.numel())
         group.broadcast(sealed, 0).wait()  # parameters and momentum, fp32, then the MAC
         self.keys.delete(*wire.group_keys(name, 2))  # both ends met: its rendezvous is done
         return sealed
@@ -255,12 +256,14 @@ class Joining:
         sealed = wire.seal(state.view(torch.uint8), self.token, *context)
         try:
             name = heal_group(round_number, heal["island"], heal["nonce"])
-            group = self._group(name, rank=0, size=2)
+            group = self._group(name, rank=0, size=2, nbytes=sealed.numel())
             group.broadcast(sealed, 0).wait()
         except RuntimeError as exc:  # the joiner died: it will knock again
             log.warning("fleet: healing %s failed (%s)", heal["island"], exc)
 
-    def _group(self, name: str, rank: int, size: int) -> dist.ProcessGroup:
+    def _group(self, name: str, rank: int, size: int, nbytes: float = 0) -> dist.ProcessGroup:
+        """A gloo group of its own for one transfer of `nbytes` into this member, with a timeout
+        that allows for them on the link (fleet/deadlines.py)."""
         # A store connection of its own: a client serves one request at a time, and a peer that
         # died leaves gloo's rendezvous blocked on it, which must not block polling the
         # coordinator (or the next attempt's rendezvous).
@@ -268,4 +271,5 @@ class Joining:
         store = dist.PrefixStore(f"{self.prefix}/{name}", own)
         if self.device is None:  # listens on this machine's address towards the coordinator
             self.device = wire.gloo_device(self.cfg.coordinator)
-        return wire.gloo_group(store, rank, size, self.cfg.timeout_s, self.device)
+        timeout = collective_timeout_s(self.cfg, nbytes, self.link_rate.bytes_per_s)
+        return wire.gloo_group(store, rank, size, timeout, self.device)

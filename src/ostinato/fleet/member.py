@@ -24,6 +24,7 @@ from torch import nn
 from ostinato.config import FleetConfig, GuardsConfig, budget_of
 from ostinato.fleet import wire
 from ostinato.fleet.compress import ErrorFeedback, from_bytes, message_bytes, unpack
+from ostinato.fleet.deadlines import LinkRate
 from ostinato.fleet.guards import pseudo_gradient_outliers
 from ostinato.fleet.heartbeat import Heartbeat
 from ostinato.fleet.joining import (  # noqa: F401 (Refused: public)
@@ -85,6 +86,7 @@ class FleetMember(Joining):
         self.device: dist.ProcessGroupGloo.Device | None = None  # gloo's, for every group
         self.keys: wire.Keys | None = None
         self.heartbeat = Heartbeat(cfg, self.island, self.token)
+        self.link_rate = LinkRate()  # of the last exchange: deadlines follow it if it is slow
 
     @property
     def active(self) -> bool:
@@ -155,6 +157,10 @@ class FleetMember(Joining):
         number = self.round_have + 1
         assert pseudo_gradient.numel() == self.outer.size(self.fragment(number))
         ready = {"tokens": tokens, "data": data, "nonce": self.nonce}
+        # what the coordinator's exchange deadline allows for (fleet/deadlines.py)
+        size = self.outer.size(self.fragment(number))
+        ready |= {"bytes": message_bytes(size, self.cfg.compression, self.cfg.block)}
+        ready |= {"rate": self.link_rate.bytes_per_s}
         self.keys.put(f"ready/{number}/{self.island}", ready)
         self.heartbeat.news()
         waited, tried = time.perf_counter(), -1
@@ -299,12 +305,14 @@ class FleetMember(Joining):
 
     def _all_gather(self, mine: torch.Tensor, number: int, attempt: int, members: list[str]):
         """Every member's packed pseudo-gradient, in member order, over the (shaped) link."""
-        group = self._group(f"pg/{number}/{attempt}", members.index(self.island), len(members))
+        traffic = mine.numel() * (len(members) - 1)
+        position = members.index(self.island)
+        group = self._group(f"pg/{number}/{attempt}", position, len(members), traffic)
         gathered = [torch.empty_like(mine) for _ in members]
         started = time.perf_counter()
         group.allgather([gathered], [mine]).wait()
-        traffic = mine.numel() * (len(members) - 1)
         self.pad_exchange(started, traffic, traffic)
+        self.link_rate.measured(traffic, time.perf_counter() - started)
         return gathered
 
     def _average(
