@@ -96,6 +96,14 @@ def test_two_shards_start_and_train_as_one_rank_does(sharded, single):
     assert sorted(p.name for p in newest.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
 
 
+def test_accumulated_micro_batches_train_as_one_batch(tmp_path, single):
+    """2 ranks x 2 micro-batches of 2 take the same 8 sequences per step as 1 rank's batch of 8
+    (the stream hands them out in the same order), each micro-batch's gradients reduce-scattered
+    as it ends; the tolerances are the ones above."""
+    accumulated = train(2, tmp_path / "run", "--train.grad_accum=2", "--train.batch_size=2")
+    assert_same_steps(accumulated, single, first=1)
+
+
 def test_recomputing_activations_changes_no_bit_of_the_loss_curve(tmp_path, sharded):
     recomputed = train(2, tmp_path / "run", "--parallel.activation_checkpointing=full")
     assert losses(recomputed) == losses(sharded)  # the same forward, run again in backward

@@ -153,16 +153,18 @@ def replica_group(model: nn.Module) -> dist.ProcessGroup | None:
 
 @contextlib.contextmanager
 def gradient_sync(step_model: nn.Module, enabled: bool) -> Iterator[None]:
-    """Reduce gradients in this backward pass only if `enabled` (the last micro-batch of an
-    accumulated step): DDP's no_sync, FSDP2's requires_gradient_sync."""
+    """Reduce gradients across replicas in this backward pass only if `enabled` (the last
+    micro-batch of an accumulated step): DDP's no_sync. A sharded model reduce-scatters every
+    micro-batch, as TorchTitan does (holding unreduced gradients would hold a whole model's
+    worth on each rank), and with HSDP skips only the all-reduce across replicas."""
     if enabled or not dist.is_initialized():
         yield
     elif isinstance(step_model, FSDPModule):
-        step_model.set_requires_gradient_sync(False)
+        step_model.set_requires_all_reduce(False)
         try:
             yield
         finally:
-            step_model.set_requires_gradient_sync(True)
+            step_model.set_requires_all_reduce(True)
     elif isinstance(step_model, DistributedDataParallel):
         with step_model.no_sync():
             yield
