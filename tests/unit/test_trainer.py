@@ -110,9 +110,16 @@ def test_tensorboard_is_asked_for_and_its_absence_is_named(tmp_path, monkeypatch
     assert not (tmp_path / "off" / "tensorboard").exists()
 
 
-def test_running_out_of_memory_names_the_fixes(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError("NPU out of memory. Tried to allocate 2.00 GiB"),  # torch_npu's kind
+    ],
+)
+def test_running_out_of_memory_names_the_fixes(tmp_path, monkeypatch, error):
     def exhausted(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        raise error
 
     monkeypatch.setattr(trainer, "_train", exhausted)
     with pytest.raises(BadInput) as refused:
@@ -121,3 +128,12 @@ def test_running_out_of_memory_names_the_fixes(tmp_path, monkeypatch):
     assert "ran out of cpu memory (single on 1 rank(s))" in message
     for fix in ("parallel.strategy = fsdp", "activation_checkpointing = full", "batch_size (now 4"):
         assert fix in message
+
+
+def test_another_runtime_error_is_not_taken_for_memory(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(trainer, "_train", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        train(tiny_config(), tmp_path / "run", show_progress=False)

@@ -83,8 +83,10 @@ def train(
     place = hardware.setup(cfg.hardware)
     try:
         return _train(cfg, Path(out), resume, place, show_progress, hooks or StepHooks(), clock)
-    except torch.OutOfMemoryError as exc:
-        raise BadInput(out_of_memory_advice(cfg, place)) from exc
+    except RuntimeError as exc:  # torch.OutOfMemoryError (CUDA), or torch_npu's plain one
+        if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
+            raise BadInput(out_of_memory_advice(cfg, place)) from exc
+        raise
     finally:
         hardware.teardown()
 
