@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from ostinato.checkpoint.store import committed_checkpoints
 from ostinato.jsonl import read_jsonl
 from tests.conftest import TINY, run_cli
 from tests.dist.fleet_helpers import (
@@ -340,11 +341,14 @@ def test_when_every_member_dies_the_fleet_goes_on_from_its_checkpoint(tmp_path):
     assert set(final_digests(out, ["a", "b"]).values()) == {log[-1]["digest"]}
 
 
-def test_a_torchrun_island_with_a_time_budget_loses_a_rank_and_rejoins(tmp_path):
+@pytest.mark.parametrize("strategy", ["auto", "fsdp"])
+def test_a_torchrun_island_with_a_time_budget_loses_a_rank_and_rejoins(tmp_path, strategy):
     """Island a is two torchrun ranks, b one process; rounds of 0.5 s. a's rank 1 is SIGKILLed:
     b goes on alone, torchrun restarts a's ranks, a resumes, rejoins, and trains on in the
     fleet. Its ranks must agree on every round's end (their clocks differ) and hold the same
-    parameters (the rank digest guard would repair a rank that did not)."""
+    parameters (auto replicates them: the rank digest guard would repair a rank that did not);
+    with fsdp they hold shards, resumed from the island's sharded checkpoint and healed through
+    the island's host copy."""
     out, port = tmp_path / "fleet", free_port()
     address = f"127.0.0.1:{port}"
     coordinator = Running(
@@ -353,6 +357,7 @@ def test_a_torchrun_island_with_a_time_budget_loses_a_rank_and_rejoins(tmp_path)
     coordinator.wait_for_line("coordinator on")
     run = ["--fleet.budget=seconds:0.5", "--fleet.rounds=60", "--checkpoint.every=5", *FAST]
     run += ["--guards.digest_every=5", f"--fleet.coordinator={address}"]
+    run += [f"--parallel.strategy={strategy}"]
 
     def island(name: str) -> list[str]:
         command = ["train", "--config", str(TINY), "--out", str(out / name), *run]
@@ -360,7 +365,10 @@ def test_a_torchrun_island_with_a_time_budget_loses_a_rank_and_rejoins(tmp_path)
 
     a = Running(torchrun(2, "-m", "ostinato", *island("a")))
     b = Running(ostinato(*island("b")))
-    wait_until(lambda: len(rounds(out)) >= 3, what="three committed rounds")
+    def started() -> bool:  # b commits rounds alone while a starts: a needs a checkpoint
+        return len(rounds(out)) >= 3 and bool(committed_checkpoints(out / "a" / "checkpoints"))
+
+    wait_until(started, what="three committed rounds and a checkpoint of a's to resume from")
     kill(rank_pid(out, "a", 1))
     assert b.wait() == 0, b.output[-4000:]
     assert a.wait() == 0, a.output[-4000:]

@@ -156,10 +156,7 @@ def test_a_sharded_run_killed_at_a_random_step_resumes_bit_identical(tmp_path, s
     ("extra", "message"),
     [
         (["--parallel.replicate=3"], "parallel.replicate = 3: the island's 2 ranks"),
-        (
-            ["--parallel.strategy=fsdp", "--fleet.coordinator=127.0.0.1:9"],
-            "parallel.strategy = fsdp: a fleet island of 2 ranks",
-        ),
+        (["--parallel.strategy=zero3"], "parallel.strategy = 'zero3'"),
     ],
 )
 def test_a_strategy_that_cannot_run_is_refused_before_any_process_group(tmp_path, extra, message):

@@ -62,10 +62,9 @@ def test_the_strategy_an_island_gets():
     assert strategy_of(auto, 1, in_fleet=False) == "single"
     assert strategy_of(auto, 2, in_fleet=False) == "fsdp"
     assert strategy_of(ddp, 2, in_fleet=False) == "ddp"
-    # a fleet island's exchange is not sharded yet: auto replicates there, fsdp is refused
+    # a fleet island's exchange runs on a whole host copy: auto replicates there; fsdp is asked
     assert strategy_of(auto, 2, in_fleet=True) == "ddp"
-    with pytest.raises(ValueError, match="parallel.strategy = fsdp: a fleet island of 2 ranks"):
-        strategy_of(fsdp, 2, in_fleet=True)
+    assert strategy_of(fsdp, 2, in_fleet=True) == "fsdp"
     with pytest.raises(ValueError, match=r"parallel.replicate = 3: .* 4 ranks .*allowed: 1, 2, 4"):
         strategy_of(dataclasses.replace(auto, replicate=3), 4, in_fleet=False)
     assert strategy_of(dataclasses.replace(auto, replicate=3), 1, in_fleet=False) == "single"

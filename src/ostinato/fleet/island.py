@@ -27,6 +27,7 @@ from ostinato.data.stream import TokenStream
 from ostinato.fleet.member import FleetMember, RoundOutcome
 from ostinato.fleet.streaming import InFlight, send_in_background
 from ostinato.hardware import Placement
+from ostinato.train.parallel import pull, push
 
 log = logging.getLogger("ostinato")
 
@@ -161,6 +162,9 @@ class FleetIsland:
         self.writer: CheckpointWriter | None = None  # of fleet checkpoints, once one is due
         self.events: Timeline | None = None  # the leader's
         self.dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else out.parent / "fleet"
+        # A sharded island trains `shards`; `model` is then its whole copy in host memory, on
+        # which the exchange runs: gathered before each round, scattered into the shards after.
+        self.shards: nn.Module | None = None
 
     # --- state and checkpoints --------------------------------------------------------------
 
@@ -281,10 +285,26 @@ class FleetIsland:
         every = self.checkpoint.every
         return bool(every) and (step + 1) % every == 0
 
+    def load_global(self) -> None:
+        """The model takes the global parameters of the round the island holds (a roll-back)."""
+        self.member.outer.load_into(self.model)
+        self.scatter()
+
+    def gather(self) -> None:
+        """A sharded island's host copy takes what its ranks trained (every rank calls)."""
+        if self.shards is not None:
+            pull(self.shards, self.model)
+
+    def scatter(self) -> None:
+        """The shards take their rows of the host copy (after a round, a heal, a roll-back)."""
+        if self.shards is not None:
+            push(self.model, self.shards)
+
     def sync(self, step: int) -> bool:
         """Take in the round in flight, if any; end this island's round if it is due: the
         leader syncs with the fleet, in the background with fleet.overlap. True after the last."""
         clock, member, place = self.clock, self.member, self.place
+        self.gather()
         if clock.in_flight is not None:
             final = self._land()
             if final or not member.round_due(clock.steps, clock.seconds()):
@@ -359,5 +379,8 @@ class FleetIsland:
         for tensor in state.values():
             dist.broadcast(tensor, 0, group=group)
         self.load_tensor_state(state)
+        # the parameters: the model's over the island's backend, or the host copy over gloo
+        host = self.shards is not None
         for param in self.model.parameters():
-            dist.broadcast(param.data, 0)
+            dist.broadcast(param.data, 0, group=group if host else None)
+        self.scatter()

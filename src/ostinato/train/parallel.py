@@ -30,16 +30,11 @@ def strategy_of(cfg: ParallelConfig, world_size: int, in_fleet: bool) -> str:
     """What this island's ranks do: `single` (one rank), `fsdp` or `ddp`; a ValueError naming
     the field for what cannot run, raised before any process group starts.
 
-    A fleet island of several ranks replicates for now (auto means ddp there): its exchange
-    flattens the whole model on every rank (fleet/outer.py), which a sharded island would
-    first have to cut by shard."""
+    auto means fsdp, but ddp for a fleet island: its exchange runs on a whole copy of the model
+    in host memory (fleet/island.py), which a sharded island gathers before each round and
+    scatters after it, so sharding a fleet island pays only when the model does not fit a chip."""
     if world_size == 1:
         return "single"
-    if cfg.strategy == "fsdp" and in_fleet:
-        raise ValueError(
-            f"parallel.strategy = fsdp: a fleet island of {world_size} ranks cannot shard yet "
-            "(its fleet exchange needs the whole model on every rank); allowed: auto or ddp"
-        )
     strategy = "ddp" if cfg.strategy == "auto" and in_fleet else cfg.strategy
     strategy = "fsdp" if strategy == "auto" else strategy
     if strategy == "fsdp" and world_size % cfg.replicate:
@@ -114,16 +109,48 @@ def precision(place: Placement) -> MixedPrecisionPolicy:
 
 def local_rows(mesh: DeviceMesh):
     """For `Llama.init_weights`: the rank's own rows of a sharded parameter and where they
-    start. FSDP2 cuts dim 0 as torch.chunk does: ceil(rows / shards) rows per shard."""
-    shards = mesh["shard"].size()
-    position = mesh["shard"].get_local_rank()
+    start."""
 
     def rows(param: nn.Parameter) -> tuple[torch.Tensor, int]:
-        assert isinstance(param, DTensor) and param.placements[-1] == Shard(0), param.placements
-        chunk = -(-param.shape[0] // shards)
-        return param.to_local(), min(position * chunk, param.shape[0])
+        return shard_rows(param, mesh)
 
     return rows
+
+
+def shard_rows(param: torch.Tensor, mesh: DeviceMesh | None = None) -> tuple[torch.Tensor, int]:
+    """This rank's rows of a sharded parameter and the index of the first: FSDP2 cuts dim 0 as
+    torch.chunk does, ceil(rows / shards) rows per shard, on the mesh's "shard" dimension."""
+    assert isinstance(param, DTensor) and param.placements[-1] == Shard(0), param
+    mesh = param.device_mesh if mesh is None else mesh
+    shards, position = mesh["shard"].size(), mesh["shard"].get_local_rank()
+    chunk = -(-param.shape[0] // shards)
+    return param.to_local(), min(position * chunk, param.shape[0])
+
+
+def host_copy(sharded: Llama, model_cfg: ModelConfig) -> Llama:
+    """A whole copy of a sharded model in host memory, for what needs every parameter at once
+    (a fleet island's exchange, fleet/island.py). A collective: every rank gathers."""
+    with torch.device("meta"):
+        host = Llama(model_cfg)
+    host.to_empty(device="cpu")
+    pull(sharded, host)
+    return host
+
+
+def pull(sharded: nn.Module, host: nn.Module) -> None:
+    """The host copy takes the sharded model's values, one gathered parameter at a time (a
+    collective: every rank of the island calls)."""
+    with torch.no_grad():
+        for whole, part in zip(host.parameters(), sharded.parameters(), strict=True):
+            whole.copy_(part.full_tensor())
+
+
+def push(host: nn.Module, sharded: nn.Module) -> None:
+    """Each rank's shards take their rows of the host copy (no communication)."""
+    with torch.no_grad():
+        for whole, part in zip(host.parameters(), sharded.parameters(), strict=True):
+            rows, first = shard_rows(part)
+            rows.copy_(whole[first : first + rows.shape[0]])
 
 
 def replicate(model: nn.Module, place: Placement, strategy: str) -> nn.Module:

@@ -36,7 +36,7 @@ def roll_back(
     if state.fleet is not None:
         # In a fleet the last good state is the round's global parameters: an older island
         # checkpoint would turn the rounds since into a bogus pseudo-gradient.
-        state.fleet.member.outer.load_into(state.model)
+        state.fleet.load_global()
         log.warning(
             "guard %s: %s; rolled back to the round's global parameters%s", guard, finding, remedy
         )

@@ -30,7 +30,7 @@ from ostinato.model.llama import Llama
 from ostinato.startup import StartupClock
 from ostinato.train.guards import LossSpikeGuard, NonFiniteGuard
 from ostinato.train.metrics import EventLog
-from ostinato.train.parallel import build_model, replicate, strategy_of
+from ostinato.train.parallel import build_model, host_copy, push, replicate, strategy_of
 
 log = logging.getLogger("ostinato")
 TOKENIZER_FILE = "tokenizer.json"
@@ -93,8 +93,12 @@ def build_state(
     clock.mark("data")
     strategy = strategy_of(cfg.parallel, place.world_size, in_fleet=bool(cfg.fleet.coordinator))
     model = build_model(cfg.parallel, cfg.model, cfg.train.seed, place, strategy)
+    # the fleet's exchange works on whole parameters: a sharded island keeps a host copy
+    whole = host_copy(model, cfg.model) if cfg.fleet.coordinator and strategy == "fsdp" else model
     if warm is not None and resume_from is None:
-        start_from(model, cfg, warm)
+        start_from(whole, cfg, warm)
+        if whole is not model:
+            push(whole, model)
     optimizer = make_optimizer(model, cfg.train)
     init_optimizer_state(model, optimizer)
     guards = NonFiniteGuard(cfg.guards), LossSpikeGuard(cfg.guards)
@@ -104,11 +108,14 @@ def build_state(
     if cfg.fleet.coordinator:
         started = checkpoint_id(warm) if warm is not None else ""
         prints = fingerprint(cfg.model, cfg.fleet, cfg.train.steps, tokenizer, started)
-        member = FleetMember(cfg.fleet, model, prints, cfg.guards)
+        member = FleetMember(cfg.fleet, whole, prints, cfg.guards)
         sections = cfg.fleet, cfg.checkpoint, cfg.train.steps
-        state.fleet = FleetIsland(*sections, member, model, stream, place, out, cfg.to_dict())
+        state.fleet = FleetIsland(*sections, member, whole, stream, place, out, cfg.to_dict())
+        state.fleet.shards = model if whole is not model else None
     if resume_from is not None:
         resume_state(cfg, state, resume_from)
+        if state.fleet is not None:
+            state.fleet.gather()  # a sharded island's host copy takes the resumed shards
     elif state.fleet is not None and resume != "none":
         state.fleet.resume_from_fleet_checkpoint()
     clock.mark("checkpoint")
