@@ -129,7 +129,8 @@ def shard_rows(param: torch.Tensor, mesh: DeviceMesh | None = None) -> tuple[tor
 
 def host_copy(sharded: Llama, model_cfg: ModelConfig) -> Llama:
     """A whole copy of a sharded model in host memory, for what needs every parameter at once
-    (a fleet island's exchange, fleet/island.py). A collective: every rank gathers."""
+    (a fleet island's exchange, fleet/island.py). A collective: every rank gathers. Only its
+    parameters are filled: it never runs (its rotary tables stay empty)."""
     with torch.device("meta"):
         host = Llama(model_cfg)
     host.to_empty(device="cpu")
