@@ -471,5 +471,18 @@ def test_a_time_budget_spreads_the_lr_schedule_over_the_fleets_rounds():
     assert at(0, 30, 0) == 30  # first round: the nominal 60 steps a round
     assert at(5, 10, 20) == at(5, 40, 80) == 330  # half-way through round 6, fast or slow
     assert at(9, 500, 80) == 600  # a round's share never runs past the round
-    island = SimpleNamespace(member=SimpleNamespace(budget_kind="steps", round_have=3))
-    assert FleetIsland.schedule_step(island, 17) == 17  # a step budget: unchanged
+
+
+def test_on_a_step_budget_the_schedule_follows_the_fleet_not_a_restarted_islands_steps():
+    """H = 5. An island never struck is at its own step; one restarted from its checkpoint at
+    step 10 and healed to round 6 stands where the fleet does (a restarted island that kept its
+    own count would end the run with the learning rate of 30 steps earlier)."""
+    clock = RoundClock()
+    member = SimpleNamespace(budget_kind="steps", round_have=3, budget=5.0)
+    island = SimpleNamespace(member=member, clock=clock)
+    clock.steps = 2
+    assert FleetIsland.schedule_step(island, 17) == 17  # 3 rounds of 5, 2 steps into the 4th
+    member.round_have = 6  # healed: the fleet committed rounds 4-6 without it
+    assert FleetIsland.schedule_step(island, 12) == 32
+    clock.in_flight = object()  # fleet.overlap: round 7 in flight, 2 steps into round 8
+    assert FleetIsland.schedule_step(island, 37) == 37

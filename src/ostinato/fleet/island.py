@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import math
 import time
 import zlib
 from pathlib import Path
@@ -244,11 +245,16 @@ class FleetIsland:
     # --- the inner loop's side --------------------------------------------------------------
 
     def schedule_step(self, step: int) -> int:
-        """The step at which the learning-rate schedule stands: the island's own `step`, except
-        on a time budget (time_budget_step)."""
-        if self.member.budget_kind == "steps":
-            return step
-        return time_budget_step(self.steps, self.rounds, self.member.round_have, self.clock)
+        """The step at which the learning-rate schedule stands: the fleet's, not the island's
+        own `step` (which a restart sets back to its checkpoint while the heal brings its
+        parameters up to the fleet's round). On a step budget, H per round held (or in flight)
+        and this round's steps, which is `step` itself for an island never struck; on a time
+        budget, time_budget_step."""
+        member, clock = self.member, self.clock
+        if member.budget_kind == "steps":
+            rounds = member.round_have + (clock.in_flight is not None)
+            return rounds * math.ceil(member.budget) + clock.steps
+        return time_budget_step(self.steps, self.rounds, member.round_have, clock)
 
     def training(self, step: int) -> None:
         """Before each inner step: the heartbeats say the island trains, at `step` so far. From
