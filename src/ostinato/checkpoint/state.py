@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from ostinato.checkpoint.store import (
     CheckpointError,
@@ -25,6 +24,7 @@ from ostinato.checkpoint.store import (
     read_meta,
     verify,
 )
+from ostinato.train.parallel import local_part
 
 log = logging.getLogger("ostinato")
 
@@ -54,7 +54,7 @@ def parameter_digest(model: nn.Module) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
-        tensor = tensor.to_local() if isinstance(tensor, DTensor) else tensor  # this rank's shard
+        tensor = local_part(tensor)  # of a sharded model, this rank's shard
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from ostinato.config import Config
 from ostinato.faults.bitflip import flip_high_exponent_bit
@@ -40,6 +39,7 @@ from ostinato.fleet.link import Link
 from ostinato.hardware import Placement
 from ostinato.jsonl import append_jsonl, read_jsonl
 from ostinato.train.hooks import StepHooks
+from ostinato.train.parallel import local_part
 from ostinato.train.state import RankState
 
 log = logging.getLogger("ostinato")
@@ -240,8 +240,7 @@ def flip_rank_parameter(seed: int, state: RankState, place: Placement) -> None:
     name = list(parameters)[int(torch.randint(len(parameters), (), generator=generator))]
     victim = place.world_size - 1
     if place.rank == victim:
-        target = parameters[name].data
-        target = target.to_local() if isinstance(target, DTensor) else target  # its shard
+        target = local_part(parameters[name].data)  # a sharded parameter: this rank's shard
         index = flip_high_exponent_bit(target, generator)
         value = float(target.view(-1)[index])
         log.warning(

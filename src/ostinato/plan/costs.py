@@ -227,7 +227,7 @@ def _check_memory(scenario: Scenario, index: int, island: IslandSpec, prof: Prof
     if st.parallel == "ddp":
         fixes.append("strategy.parallel = fsdp (shards the state over the island)")
     elif activations < have:  # more chips shrink each one's share of the state, not activations
-        least = math.ceil(model.params * STATE_BYTES_PER_PARAM / (have - activations))
+        least = math.ceil(state_bytes_per_rank(model.params, "fsdp", 1) / (have - activations))
         fixes.append(f"at least {least} chips per island ({scenario.field_name(index, 'chips')})")
     if activations and st.activation_checkpointing != "full":
         fixes.append("strategy.activation_checkpointing = full")
@@ -239,8 +239,7 @@ def _check_memory(scenario: Scenario, index: int, island: IslandSpec, prof: Prof
         f"{STATE_BYTES_PER_PARAM} bytes per parameter, fp32 weights, gradients and two Adam "
         f"moments{', sharded' if st.parallel == 'fsdp' else ', all of it'}) and "
         f"{activations / 1e9:.1f} GB of activations ({model.micro_batch} x {model.seq_len} "
-        f"tokens, "
-        f"recomputation {st.activation_checkpointing}), more than its {have / 1e9:.1f} GB "
+        f"tokens, recomputation {st.activation_checkpointing}), more than its {have / 1e9:.1f} GB "
         f"({MEMORY_HEADROOM:.0%} of memory). Use {' or '.join(fixes)}, fewer islands, or a "
         f"smaller model."
     )

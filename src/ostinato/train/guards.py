@@ -15,9 +15,9 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from ostinato.config import GuardsConfig
+from ostinato.train.parallel import local_part
 
 log = logging.getLogger("ostinato")
 MAD_TO_STD = 1.4826  # MAD times this estimates the standard deviation of normal noise
@@ -104,15 +104,10 @@ def rank_digest(model: nn.Module) -> torch.Tensor:
     moves its word by a power of two, so one flip always shows. Cheap: no copy to the host.
     """
     words = [
-        local(p.detach()).view(WORD_TYPES[p.element_size()]).sum(dtype=torch.int64)
+        local_part(p.detach()).view(WORD_TYPES[p.element_size()]).sum(dtype=torch.int64)
         for p in model.parameters()
     ]
     return torch.stack(words)
-
-
-def local(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a tensor: a sharded one's own shard."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def majority_rank(digests: Sequence[torch.Tensor]) -> int:
@@ -148,9 +143,11 @@ def copy_from_rank(
     """Every rank of `group` takes the parameters and optimizer state of its rank `source`."""
     src = dist.get_global_rank(group, source)
     for param in model.parameters():
-        dist.broadcast(local(param.data), src, group=group)
+        dist.broadcast(local_part(param.data), src, group=group)
         for name in sorted(optimizer.state.get(param, {})):
-            value = local(optimizer.state[param][name])
-            moved = value.to(local(param).device)  # AdamW keeps `step` on the host; nccl: device
+            value = local_part(optimizer.state[param][name])
+            moved = value.to(
+                local_part(param).device
+            )  # AdamW keeps `step` on the host; nccl: device
             dist.broadcast(moved, src, group=group)
             value.copy_(moved)

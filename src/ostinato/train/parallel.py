@@ -62,7 +62,7 @@ def build_model(
     mesh = island_mesh(cfg, place)
     shard(model, cfg, mesh, place)
     model.to_empty(device=place.device)
-    model.init_weights(seed, local=local_rows(mesh))
+    model.init_weights(seed, local=shard_rows)
     return model
 
 
@@ -107,21 +107,12 @@ def precision(place: Placement) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy()
 
 
-def local_rows(mesh: DeviceMesh):
-    """For `Llama.init_weights`: the rank's own rows of a sharded parameter and where they
-    start."""
-
-    def rows(param: nn.Parameter) -> tuple[torch.Tensor, int]:
-        return shard_rows(param, mesh)
-
-    return rows
-
-
-def shard_rows(param: torch.Tensor, mesh: DeviceMesh | None = None) -> tuple[torch.Tensor, int]:
-    """This rank's rows of a sharded parameter and the index of the first: FSDP2 cuts dim 0 as
-    torch.chunk does, ceil(rows / shards) rows per shard, on the mesh's "shard" dimension."""
+def shard_rows(param: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """This rank's rows of a sharded parameter and the index of the first (what
+    `Llama.init_weights` draws, and `push` copies): FSDP2 cuts dim 0 as torch.chunk does,
+    ceil(rows / shards) rows per shard, on the mesh's "shard" dimension."""
     assert isinstance(param, DTensor) and param.placements[-1] == Shard(0), param
-    mesh = param.device_mesh if mesh is None else mesh
+    mesh = param.device_mesh
     shards, position = mesh["shard"].size(), mesh["shard"].get_local_rank()
     chunk = -(-param.shape[0] // shards)
     return param.to_local(), min(position * chunk, param.shape[0])
@@ -205,8 +196,7 @@ def held_bytes(tensors: Iterable[torch.Tensor]) -> int:
     each storage counted once however many views it backs)."""
     storages = {}
     for tensor in tensors:
-        local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
-        storage = local.untyped_storage()
+        storage = local_part(tensor).untyped_storage()
         storages[storage.data_ptr()] = storage.nbytes()
     return sum(storages.values())
 
@@ -220,6 +210,11 @@ def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer, gradients: i
     measured while they existed) and the optimizer's state."""
     moments = (v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
     return held_bytes(model.parameters()) + gradients + held_bytes(moments)
+
+
+def local_part(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor: a sharded one's own shard, a plain one itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def full_value(value: torch.Tensor) -> torch.Tensor:

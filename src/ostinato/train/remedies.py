@@ -15,6 +15,7 @@ from ostinato.checkpoint.store import CheckpointWriter, latest_good
 from ostinato.config import Config
 from ostinato.hardware import Placement
 from ostinato.train.guards import check_rank_digests
+from ostinato.train.parallel import strategy_of
 from ostinato.train.state import RankState
 
 log = logging.getLogger("ostinato")
@@ -101,3 +102,15 @@ def guard_digests(state: RankState, place: Placement, replicas: dist.ProcessGrou
         log.warning("guard digest: %s; repaired from rank %d", finding, source)
         if state.events is not None:
             state.events.mark("detect", f"guard digest: {finding}", time.time())
+
+
+def out_of_memory_advice(cfg: Config, place: Placement) -> str:
+    """What to change when a rank's device memory runs out, instead of the allocator's dump."""
+    strategy = strategy_of(cfg.parallel, place.world_size, bool(cfg.fleet.coordinator))
+    return (
+        f"rank {place.rank} ran out of {place.device.type} memory ({strategy} on "
+        f"{place.world_size} rank(s)). Shard the model over more ranks (parallel.strategy = "
+        f"fsdp), recompute activations (parallel.activation_checkpointing = full), or lower "
+        f"train.batch_size (now {cfg.train.batch_size}; raise train.grad_accum to keep the "
+        f"tokens per step); `ostinato plan` estimates what fits."
+    )

@@ -40,7 +40,7 @@ from ostinato.train.parallel import (
     state_bytes,
     strategy_of,
 )
-from ostinato.train.remedies import guard_digests, roll_back, skip_spike
+from ostinato.train.remedies import guard_digests, out_of_memory_advice, roll_back, skip_spike
 from ostinato.train.schedule import lr_at
 from ostinato.train.state import TOKENIZER_FILE, RankState, build_state
 
@@ -89,18 +89,6 @@ def train(
         raise
     finally:
         hardware.teardown()
-
-
-def out_of_memory_advice(cfg: Config, place: Placement) -> str:
-    """What to change when a rank's device memory runs out, instead of the allocator's dump."""
-    strategy = strategy_of(cfg.parallel, place.world_size, bool(cfg.fleet.coordinator))
-    return (
-        f"rank {place.rank} ran out of {place.device.type} memory ({strategy} on "
-        f"{place.world_size} rank(s)). Shard the model over more ranks (parallel.strategy = "
-        f"fsdp), recompute activations (parallel.activation_checkpointing = full), or lower "
-        f"train.batch_size (now {cfg.train.batch_size}; raise train.grad_accum to keep the "
-        f"tokens per step); `ostinato plan` estimates what fits."
-    )
 
 
 def _train(
