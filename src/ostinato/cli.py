@@ -263,6 +263,10 @@ from ostinato.serve.commands import register as register_serving  # noqa: E402
 
 register_serving(app)
 
+from ostinato.rl.command import register as register_rl  # noqa: E402
+
+register_rl(app)
+
 
 def main() -> None:
     app(prog_name="ostinato")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ostinato.rl.config import RLConfig
 from ostinato.schema import apply_override, build_sections, option, to_toml
 
 
@@ -288,6 +289,7 @@ class Config:
     fleet: FleetConfig = field(default_factory=FleetConfig)
     guards: GuardsConfig = field(default_factory=GuardsConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -303,6 +305,7 @@ SECTIONS: dict[str, type] = {
     "fleet": FleetConfig,
     "guards": GuardsConfig,
     "faults": FaultsConfig,
+    "rl": RLConfig,
 }
 
 

@@ -94,14 +94,20 @@ def find_resume_point(resume: str, checkpoints: Path) -> Path | None:
     return path
 
 
-def check_compatible(meta: dict[str, Any], config: dict[str, Any], path: Path) -> None:
-    """The model must be the same shape; anything else (steps, lr, ...) may change on resume."""
-    saved, current = meta["config"]["model"], config["model"]
-    differing = [
-        f"model.{k}: {saved.get(k)!r} in the checkpoint, {v!r} now"
+def differing_fields(section: str, saved: dict[str, Any], current: dict[str, Any], where: str):
+    """'section.key: saved in `where`, current now' for every key of `current` that differs."""
+    return [
+        f"{section}.{k}: {saved.get(k)!r} in {where}, {v!r} now"
         for k, v in current.items()
         if saved.get(k) != v
     ]
+
+
+def check_compatible(meta: dict[str, Any], config: dict[str, Any], path: Path) -> None:
+    """The model must be the same shape; anything else (steps, lr, ...) may change on resume."""
+    differing = differing_fields(
+        "model", meta["config"]["model"], config["model"], "the checkpoint"
+    )
     if differing:
         raise CheckpointError(
             f"checkpoint {path} was written for another model ("

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -96,34 +97,46 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return read_jsonl(path)
 
 
+def _train_status(record: dict[str, Any]) -> str:
+    return f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s"
+
+
 class ProgressDisplay:
     """A rich progress bar on a terminal; a plain line every `every` steps otherwise."""
 
-    def __init__(self, total: int, start: int, every: int, enabled: bool):
-        self.every, self.enabled = every, enabled
+    def __init__(
+        self,
+        total: int,
+        start: int,
+        every: int,
+        enabled: bool,
+        label: str = "train",
+        describe: Callable[[dict[str, Any]], str] | None = None,
+    ):
+        self.every, self.enabled, self.label = every, enabled, label
+        self.describe = describe or _train_status
         self.console = Console()
         self.live = enabled and sys.stdout.isatty()
         self._progress: Progress | None = None
         if self.live:
             self._progress = Progress(
-                TextColumn("[bold]train"),
+                TextColumn(f"[bold]{label}"),
                 BarColumn(),
                 MofNCompleteColumn(),
                 TextColumn("{task.fields[status]}"),
                 TimeRemainingColumn(),
                 console=self.console,
             )
-            self._task = self._progress.add_task("train", total=total, completed=start, status="")
+            self._task = self._progress.add_task(label, total=total, completed=start, status="")
             self._progress.start()
 
     def update(self, record: dict[str, Any], total: int) -> None:
-        status = (
-            f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s"
-        )
+        status = self.describe(record)
         if self._progress is not None:
             self._progress.update(self._task, completed=record["step"], status=status)
         elif self.enabled and (record["step"] % self.every == 0 or record["step"] == total):
-            print(f"step {record['step']}/{total}  {status}", flush=True)
+            prefix = "" if self.label == "train" else f"{self.label} "
+            print(f"{prefix}step {record['step']}/{total}  {status}", flush=True)
 
     def close(self) -> None:
         if self._progress is not None:
