@@ -124,7 +124,7 @@ def test_killed_and_resumed_ends_bit_identical(reference, init, tmp_path):
     [
         ({"init": ""}, "rl.init is empty"),
         ({"init": "/nonexistent/run"}, "rl.init"),
-        ({"rollout_islands": 2}, "rl.rollout_islands = 2"),
+        ({"max_staleness": 2}, "rl.max_staleness = 2"),  # only islands generate ahead
         ({"task": "poetry"}, "rl.task"),
         ({"group_size": 1}, "rl.group_size"),
     ],
@@ -144,3 +144,48 @@ def test_a_model_section_unlike_the_init_run_is_refused(init, tmp_path):
     done = run_cli("rl", "--config", str(config), "--out", str(tmp_path / "o"))
     assert done.returncode == 2, done.stderr[-2000:]
     assert "model.size" in done.stderr and "rl.init" in done.stderr
+
+
+def run_recipe(tmp_path: Path, init: Path, faults: str = "", **rl) -> subprocess.CompletedProcess:
+    config = recipe(tmp_path, init, **rl)
+    if faults:
+        config.write_text(config.read_text() + f'\n[faults]\nschedule = "{faults}"\n')
+    return subprocess.run(
+        rl_command(config, tmp_path / "out"), capture_output=True, text=True, env=cli_env(),
+        timeout=240,
+    )  # fmt: skip
+
+
+def test_rollout_islands_survive_a_crash_and_a_hang(init, tmp_path):
+    """Island r0 is killed (SIGKILL) and r1 stopped (SIGSTOP) mid-generation: the trainer sees
+    the exit and the silence, counts the answers in flight as lost, has them generated again,
+    restarts both islands, and every update still trains on rollouts of its own policy."""
+    done = run_recipe(
+        tmp_path, init, "crash@island=r0,step=2; hang@island=r1,step=4",
+        steps=5, eval_every=5, rollout_islands=2, rollout_timeout_s=5.0,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rollout island r0 exited" in done.stderr
+    assert "rollout island r1 sent nothing for 5 s" in done.stderr
+    records = read_jsonl(tmp_path / "out" / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    assert all(r["staleness"] == {"0": 8} for r in records)  # re-synced before any new work
+    last = records[-1]
+    assert last["island_restarts"] == 2
+    assert last["lost_rollouts"] >= 8  # at least each struck island's own slice of 4
+    assert last["local_rollouts"] == 0  # one island was up at every moment
+    joins = (tmp_path / "out" / "islands" / "r0.log").read_text().count("joined")
+    assert joins == 2  # the restarted r0 joined again
+
+
+def test_stale_rollouts_stay_within_max_staleness(init, tmp_path):
+    done = run_recipe(tmp_path, init, steps=5, eval_every=5, rollout_islands=2, max_staleness=1)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = read_jsonl(tmp_path / "out" / "metrics.jsonl")
+    seen = {k for r in records for k in r["staleness"]}
+    assert seen <= {"0", "1"}
+    # the islands ran ahead of the trainer (its next update's work is out before the update):
+    # a rollout one version old is corrected by its importance weight, truncated at the cap
+    assert "1" in seen
+    weights = [r["importance_weight"] for r in records if r["staleness"].get("1")]
+    assert all(0 < w <= 2.0 for w in weights) and any(w != 1.0 for w in weights)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 from typing import Annotated
@@ -22,7 +23,7 @@ def explicit_sections(config: Path, overrides: list[str]) -> set[str]:
 
 def rl(
     ctx: typer.Context,
-    config: Annotated[Path, typer.Option(help="TOML recipe with an [rl] section.")],
+    config: Annotated[Path | None, typer.Option(help="TOML recipe with an [rl] section.")] = None,
     out: Annotated[Path | None, typer.Option(help="Run directory (default runs/<recipe>).")] = None,
     resume: Annotated[
         str, typer.Option(help="auto, none, a run directory or a checkpoint.")
@@ -34,7 +35,13 @@ def rl(
     rl.init names the run (or checkpoint) to start from; its model, tokenizer and data (and so
     its held-out problems) are kept. DIR gets metrics.jsonl, summary.json, curve.png and
     checkpoints/ that `ostinato export`, `serve` and `chat` read like a training run's.
+    With rl.rollout_islands = K it starts K rollout islands (`ostinato rl rollout --help`).
     """
+    if ctx.args[:1] == ["rollout"]:
+        typer.main.get_command(rollout_app)(ctx.args[1:], prog_name="ostinato rl rollout")
+        return
+    if config is None:
+        raise typer.BadParameter("--config is required", param_hint="--config")
     from rich.console import Console
 
     from ostinato.config import load_config
@@ -55,6 +62,28 @@ def rl(
     )
     for task, answer in result.samples:
         console.print(f"[dim]{task.prompt}[/] {answer.strip()}", highlight=False)
+
+
+rollout_app = typer.Typer(add_completion=False)
+
+
+@rollout_app.command()
+def rollout(
+    coordinator: Annotated[str, typer.Option(help="HOST:PORT of the RL trainer's store.")],
+    island: Annotated[str, typer.Option(help="This island's name, e.g. r0.")],
+    model_from: Annotated[
+        str,
+        typer.Option(
+            help="Run or checkpoint whose model this island runs (default: the trainer's)."
+        ),
+    ] = "",
+) -> None:
+    """A rollout island: generate rollouts for the RL trainer at COORDINATOR (the fleet token
+    from OSTINATO_FLEET_TOKEN). The trainer starts these itself; on another host, start them by
+    hand."""
+    from ostinato.rl.island import RolloutIsland
+
+    RolloutIsland(coordinator, island, os.environ.get("OSTINATO_FLEET_TOKEN", ""), model_from).run()
 
 
 def register(app: typer.Typer) -> None:

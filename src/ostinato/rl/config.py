@@ -35,6 +35,15 @@ class RLConfig:
     rollout_islands: int = option(
         0, "processes that generate rollouts (0: the trainer generates them, lock-step)", ge=0
     )
+    rollout_timeout_s: float = option(
+        120.0, "a rollout island that sends no result for this long is restarted", gt=0.0
+    )
+    bind: str = option(
+        "127.0.0.1:0", "where the trainer's store listens for rollout islands (port 0: any free)"
+    )
+    spawn: bool = option(
+        True, "start the rollout islands here; false: wait for `ostinato rl rollout` elsewhere"
+    )
     engine: str = option(
         "ostinato",
         "what generates rollouts: the batched engine of `ostinato serve`",

@@ -3,8 +3,9 @@
 Each call drives a fresh engine step by step in this thread (no server, no background thread),
 so which sequences share a batched pass, and in which rows, is a pure function of the prompts:
 with every answer's sampling seed fixed by (rl.seed, update, answer), the same policy gives the
-same rollouts bit for bit, which a resumed run relies on. The engine reads the policy's own
-parameters: in this process a weight push is free.
+same rollouts bit for bit, which a resumed run relies on. In the trainer's own process the
+engine reads the policy's parameters, so there a weight push is free; rollout islands
+(ostinato.rl.island) run the same function on the weights the trainer published.
 """
 
 from __future__ import annotations
@@ -31,22 +32,29 @@ class Rollout:
     text: str
     reward: float = 0.0
     version: int = 0  # the policy version (updates done) that generated it
+    behaviour: list[float] | None = None  # its per-token log-probs under that policy
 
 
 @dataclass
 class Generated:
     rollouts: list[Rollout] = field(default_factory=list)
     tokens: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # the trainer's: generating, or waiting for rollout islands
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def sampling_seed(seed: int, version: int, index: int) -> int:
-    """The sampling seed of answer `index` of the rollouts made by policy `version`."""
-    return (seed * 1_000_003 + version) * 1_000_033 + index
+def sampling_seed(seed: int, step: int, index: int) -> int:
+    """The sampling seed of answer `index` of the rollouts of update `step` (0-based)."""
+    return (seed * 1_000_003 + step) * 1_000_033 + index
+
+
+def work_of(tasks: list[Any], group_size: int, seed: int, step: int) -> tuple[list[str], list[int]]:
+    """The prompts of update `step` (1-based), each `group_size` times, and their seeds."""
+    prompts = [task.prompt for task in tasks for _ in range(group_size)]
+    return prompts, [sampling_seed(seed, step - 1, i) for i in range(len(prompts))]
 
 
 @torch.no_grad()
@@ -62,7 +70,7 @@ def generate(
     """Answer ids per prompt (with the stop id appended to an answer that stopped), whether each
     stopped, and the seconds it took. temperature 0: greedy."""
     stop = eos_id(tokenizer)
-    engine = Engine(model, stop, max_batch=min(max_batch, len(prompts)))
+    engine = Engine(model, stop, max_batch=max(1, min(max_batch, len(prompts))))
     answers: list[list[int]] = [[] for _ in prompts]
     stopped, done = [False] * len(prompts), [False] * len(prompts)
     started = time.perf_counter()
@@ -85,6 +93,29 @@ def generate(
     return answers, stopped, time.perf_counter() - started
 
 
+def scored(
+    tokenizer: Tokenizer,
+    tasks: list[Any],
+    group_size: int,
+    answers: list[list[int]],
+    versions: list[int],
+    reward: Reward,
+    format_weight: float,
+    behaviour: list[list[float] | None] | None = None,
+) -> Generated:
+    """The rollouts of `answers` (grouped by task in order), with their rewards."""
+    out = Generated()
+    for i, answer in enumerate(answers):
+        task = tasks[i // group_size]
+        text = tokenizer.decode(answer)
+        prompt = tokenizer.encode(task.prompt, add_special_tokens=False).ids
+        score = safe_reward(reward, text, task, format_weight)
+        logp = None if behaviour is None else behaviour[i]
+        out.rollouts.append(Rollout(task, prompt, answer, text, score, versions[i], logp))
+        out.tokens += len(answer)
+    return out
+
+
 def rollouts(
     model: Llama,
     tokenizer: Tokenizer,
@@ -94,21 +125,15 @@ def rollouts(
     max_new_tokens: int,
     temperature: float,
     seed: int,
-    version: int,
+    step: int,
     format_weight: float,
 ) -> Generated:
-    """`group_size` sampled answers to each task, grouped by task in order, with rewards."""
-    prompts = [task.prompt for task in tasks for _ in range(group_size)]
-    seeds = [sampling_seed(seed, version, i) for i in range(len(prompts))]
+    """`group_size` sampled answers to each task by the policy itself (version step - 1)."""
+    prompts, seeds = work_of(tasks, group_size, seed, step)
     answers, _, seconds = generate(model, tokenizer, prompts, max_new_tokens, temperature, seeds)
-    out = Generated(seconds=seconds)
-    for i, answer in enumerate(answers):
-        task = tasks[i // group_size]
-        text = tokenizer.decode(answer)
-        prompt = tokenizer.encode(task.prompt, add_special_tokens=False).ids
-        score = safe_reward(reward, text, task, format_weight)
-        out.rollouts.append(Rollout(task, prompt, answer, text, score, version))
-        out.tokens += len(answer)
+    versions = [step - 1] * len(answers)
+    out = scored(tokenizer, tasks, group_size, answers, versions, reward, format_weight)
+    out.seconds = seconds
     return out
 
 

@@ -39,10 +39,12 @@ from ostinato.checkpoint.store import CheckpointError, CheckpointWriter
 from ostinato.config import CheckpointConfig, Config, save_config
 from ostinato.data.tokenizer import check_vocab
 from ostinato.errors import BadInput
+from ostinato.faults.spec import parse_faults
 from ostinato.model.llama import Llama
 from ostinato.rl.config import RLConfig
+from ostinato.rl.fleet import RolloutFleet
 from ostinato.rl.grpo import group_advantages, grpo_loss, token_log_probs
-from ostinato.rl.rollout import Generated, Rollout, accuracy, rollouts
+from ostinato.rl.rollout import Generated, Rollout, accuracy, rollouts, scored, work_of
 from ostinato.rl.tasks import TaskSet, task_set
 from ostinato.train.metrics import MetricsLog, ProgressDisplay
 
@@ -76,11 +78,27 @@ def check_supported(rl: RLConfig) -> None:
     """Refuse what this trainer does not do yet, by field, before anything is loaded."""
     if not rl.init:
         raise BadInput("rl.init is empty: set it to a run directory of `ostinato train`")
-    if rl.rollout_islands:
+    if rl.max_staleness and not rl.rollout_islands:
         raise BadInput(
-            f"rl.rollout_islands = {rl.rollout_islands}: rollout islands in their own processes "
-            "are not built yet; allowed: 0 (the trainer generates its rollouts, lock-step)"
+            f"rl.max_staleness = {rl.max_staleness}: only rollout islands generate ahead of the "
+            "trainer; set rl.rollout_islands >= 1, or rl.max_staleness = 0"
         )
+
+
+def rollout_faults(schedule: str, rl: RLConfig) -> dict[tuple[str, int], str]:
+    """faults.schedule for rollout islands: `crash@island=r0,step=3` or `hang@...,step=N` strike
+    island r0 mid-generation of update N's rollouts (ostinato.faults.spec's syntax)."""
+    if not schedule:
+        return {}
+    names = [f"r{i}" for i in range(max(1, rl.rollout_islands))]
+    faults = parse_faults(schedule, names, steps=rl.steps)
+    for fault in faults:
+        if fault.kind not in ("crash", "hang") or fault.step is None or not rl.rollout_islands:
+            raise BadInput(
+                f"faults.schedule: {fault.kind}@island={fault.island}: an RL run takes crash and "
+                "hang of a rollout island at an update (step=N), with rl.rollout_islands >= 1"
+            )
+    return {(f.island, f.step): f.kind for f in faults}
 
 
 def load_policy(cfg: Config, explicit: set[str]) -> tuple[Policy, Path]:
@@ -138,7 +156,22 @@ def batch_of(items: list[Rollout]) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens, mask
 
 
-def update(policy: Policy, generated: Generated, rl: RLConfig) -> dict[str, float]:
+def behaviour_of(items: list[Rollout], old: torch.Tensor, step: int) -> torch.Tensor | None:
+    """Per-token log-probs of the policies that generated the rollouts, aligned with `old`
+    (the update's own): a fresh rollout's are `old` (its importance weights are 1), a stale
+    one's are what its island measured. None when every rollout is fresh."""
+    stale = [r for r in items if r.version < step - 1]
+    if not stale:
+        return None
+    behaviour = old.clone()
+    for row, r in enumerate(items):
+        if r.version < step - 1 and r.behaviour is not None:
+            start = len(r.prompt) - 1
+            behaviour[row, start : start + len(r.behaviour)] = torch.tensor(r.behaviour)
+    return behaviour
+
+
+def update(policy: Policy, generated: Generated, rl: RLConfig, step: int) -> dict[str, float]:
     """One AdamW step on the GRPO loss of a batch of rollouts; what it measured."""
     model, items = policy.model, generated.rollouts
     rewards = torch.tensor([r.reward for r in items])
@@ -149,9 +182,10 @@ def update(policy: Policy, generated: Generated, rl: RLConfig) -> dict[str, floa
         ref = None
         if policy.reference is not None:
             ref = token_log_probs(policy.reference(tokens), tokens)
+    behaviour = behaviour_of(items, old, step)
     log_probs = token_log_probs(model(tokens), tokens)
     parts = grpo_loss(
-        log_probs, old, advantages, mask, rl.clip, rl.kl, ref, None, rl.importance_cap
+        log_probs, old, advantages, mask, rl.clip, rl.kl, ref, behaviour, rl.importance_cap
     )
     policy.optimizer.zero_grad(set_to_none=True)
     parts.loss.backward()
@@ -186,99 +220,187 @@ def run_rl(
     explicit: set[str] = frozenset(),
     progress: bool = True,
 ) -> RLResult:
-    rl = cfg.rl
-    check_supported(rl)
-    if rl.threads:
-        torch.set_num_threads(rl.threads)
+    check_supported(cfg.rl)
+    if cfg.rl.threads:
+        torch.set_num_threads(cfg.rl.threads)
+    faults = rollout_faults(cfg.faults.schedule, cfg.rl)
     policy, init = load_policy(cfg, explicit)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(policy.config, out / "config.toml")
-    (out / TOKENIZER_FILE).write_text(policy.tokenizer.to_str())
-    checkpoints = out / "checkpoints"
-    resume_from = find_resume_point(resume, checkpoints)
-    init_optimizer_state(policy.model, policy.optimizer)
-    step, state = 0, {"init": str(init)}
-    if resume_from is not None:
-        meta = restore(
-            resume_from, tensor_state(policy.model, policy.optimizer), policy.config.to_dict()
-        )
-        step, state = meta["train_state"]["step"], meta["rl"]
-        log.info("rl: resumed from %s at update %d", resume_from, step)
-    writer = CheckpointWriter(
-        checkpoints, CheckpointConfig(keep=cfg.checkpoint.keep, async_save=False)
-    )
-    metrics = MetricsLog(out / "metrics.jsonl", step)
-    seconds = Counter(state.get("seconds", {}))
-    heldout = policy.tasks.heldout[: rl.eval_problems]
+    run = RLRun(policy, cfg.rl, out, cfg.checkpoint.keep, faults)
+    run.start(resume, init)
+    try:
+        return run.loop(progress)
+    finally:
+        run.close()
 
-    def evaluate() -> tuple[float, list[tuple[Any, str]]]:
-        started = time.perf_counter()
-        result = accuracy(
-            policy.model, policy.tokenizer, heldout, policy.tasks.reward, rl.max_new_tokens
+
+class RLRun:
+    """One RL run's loop and what it keeps: the policy, its checkpoints and metrics, the time
+    spent by kind, and the rollout islands when there are any."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        rl: RLConfig,
+        out: Path,
+        keep: int,
+        faults: dict[tuple[str, int], str] | None = None,
+    ):
+        self.policy, self.rl, self.out, self.faults = policy, rl, out, faults
+        out.mkdir(parents=True, exist_ok=True)
+        self.writer = CheckpointWriter(
+            out / "checkpoints", CheckpointConfig(keep, async_save=False)
         )
-        seconds["evaluate"] += time.perf_counter() - started
+        self.step, self.state = 0, {}
+        self.seconds: Counter[str] = Counter()
+        self.heldout = policy.tasks.heldout[: rl.eval_problems]
+        self.fleet: RolloutFleet | None = None
+        self.metrics: MetricsLog | None = None
+
+    def start(self, resume: str, init: Path) -> None:
+        policy = self.policy
+        save_config(policy.config, self.out / "config.toml")
+        (self.out / TOKENIZER_FILE).write_text(policy.tokenizer.to_str())
+        resume_from = find_resume_point(resume, self.out / "checkpoints")
+        init_optimizer_state(policy.model, policy.optimizer)
+        self.state = {"init": str(init)}
+        if resume_from is not None:
+            tensors = tensor_state(policy.model, policy.optimizer)
+            meta = restore(resume_from, tensors, policy.config.to_dict())
+            self.step, self.state = meta["train_state"]["step"], meta["rl"]
+            log.info("rl: resumed from %s at update %d", resume_from, self.step)
+        self.seconds.update(self.state.get("seconds", {}))
+        self.metrics = MetricsLog(self.out / "metrics.jsonl", self.step)
+        if self.rl.rollout_islands:
+            self.fleet = RolloutFleet(
+                self.rl, policy.model, policy.tokenizer, self.out, self.faults
+            )
+            self.fleet.wait_for_islands()
+        if "initial_accuracy" not in self.state:
+            self.state["initial_accuracy"] = self.evaluate()[0]
+            log.info("rl: held-out accuracy before any update %.3f", self.state["initial_accuracy"])
+
+    def close(self) -> None:
+        if self.fleet is not None:
+            self.fleet.close()
+        if self.metrics is not None:
+            self.metrics.close()
+
+    def evaluate(self) -> tuple[float, list[tuple[Any, str]]]:
+        started = time.perf_counter()
+        policy = self.policy
+        result = accuracy(
+            policy.model,
+            policy.tokenizer,
+            self.heldout,
+            policy.tasks.reward,
+            self.rl.max_new_tokens,
+        )
+        self.seconds["evaluate"] += time.perf_counter() - started
         return result
 
-    if "initial_accuracy" not in state:
-        state["initial_accuracy"] = evaluate()[0]
-        log.info("rl: held-out accuracy before any update %.3f", state["initial_accuracy"])
-    last_accuracy, samples = state.get("accuracy", state["initial_accuracy"]), []
-    display = ProgressDisplay(
-        rl.steps, step, max(1, rl.steps // 20), progress, label="rl", describe=_status
-    )
-    try:
-        while step < rl.steps:
-            step += 1
-            tasks = prompts_of(policy.tasks.train, rl, step)
+    def rollouts(self, step: int) -> tuple[Generated, dict[str, Any]]:
+        """The rollouts of update `step`: generated here, or by the rollout islands; and what
+        the islands' side of it measured."""
+        policy, rl = self.policy, self.rl
+        tasks = prompts_of(policy.tasks.train, rl, step)
+        if self.fleet is None:
             generated = rollouts(
-                policy.model,
-                policy.tokenizer,
-                tasks,
-                policy.tasks.reward,
-                rl.group_size,
-                rl.max_new_tokens,
-                rl.temperature,
-                rl.seed,
-                step - 1,
-                rl.format_reward,
-            )
-            seconds["generate"] += generated.seconds
+                policy.model, policy.tokenizer, tasks, policy.tasks.reward, rl.group_size,
+                rl.max_new_tokens, rl.temperature, rl.seed, step, rl.format_reward,
+            )  # fmt: skip
+            self.seconds["generate"] += generated.seconds
+            return generated, {}
+        fleet, pushed = self.fleet, {}
+        if fleet.version < step - 1:
             started = time.perf_counter()
-            measured = update(policy, generated, rl)
-            seconds["train"] += time.perf_counter() - started
-            record = {
-                "step": step,
-                "reward": sum(r.reward for r in generated.rollouts) / len(generated.rollouts),
-                "solved": sum(r.reward >= 1.0 for r in generated.rollouts)
-                / len(generated.rollouts),
-                "response_length": generated.tokens / len(generated.rollouts),
-                "staleness": dict(Counter(str(step - 1 - r.version) for r in generated.rollouts)),
-                "dropped_stale": 0,
-                "rollout_tokens_per_s": generated.tokens_per_s,
-                **measured,
-                "time": time.time(),
-            }
-            if step % rl.eval_every == 0 or step == rl.steps:
-                last_accuracy, samples = evaluate()
-                record["accuracy"] = last_accuracy
-            record["seconds"] = dict(seconds)
-            metrics.write(record)
-            display.update(record, rl.steps)
-            if step % rl.checkpoint_every == 0 or step == rl.steps:
+            pushed["weight_push_bytes"] = fleet.publish(step - 1)
+            pushed["weight_push_s"] = time.perf_counter() - started
+            self.seconds["weight_push"] += pushed["weight_push_s"]
+        for ahead in range(step, min(rl.steps, step + rl.max_staleness) + 1):
+            if not fleet.issued(ahead):
+                prompts, seeds = work_of(
+                    prompts_of(policy.tasks.train, rl, ahead), rl.group_size, rl.seed, ahead
+                )
+                fleet.issue(ahead, prompts, seeds, max(0, ahead - 1 - rl.max_staleness))
+        results, waited = fleet.collect(step)
+        self.seconds["waiting"] += waited
+        answers = [a for r in results for a in r["answers"]]
+        versions = [r["version"] for r in results for _ in r["answers"]]
+        behaviour = [
+            (r["behaviour"] or [None] * len(r["answers"]))[i]
+            for r in results
+            for i in range(len(r["answers"]))
+        ]
+        generated = scored(
+            policy.tokenizer, tasks, rl.group_size, answers, versions, policy.tasks.reward,
+            rl.format_reward, behaviour,
+        )  # fmt: skip
+        # the islands' generation rate together: each slice's tokens over its own seconds
+        generated.seconds = generated.tokens / max(1e-9, sum(island_rates(results)))
+        counters = dataclasses.asdict(fleet.counters)
+        return generated, {
+            **pushed,
+            "trainer_idle_s": waited,
+            "island_tokens_per_s": fleet.tokens_per_s(),
+            **{
+                f"{k}_rollouts" if k != "restarts" else "island_restarts": v
+                for k, v in counters.items()
+            },
+        }
+
+    def loop(self, progress: bool) -> RLResult:
+        rl = self.rl
+        last_accuracy, samples = self.state.get("accuracy", self.state["initial_accuracy"]), []
+        display = ProgressDisplay(
+            rl.steps, self.step, max(1, rl.steps // 20), progress, label="rl", describe=_status
+        )
+        try:
+            while self.step < rl.steps:
+                self.step += 1
+                step = self.step
+                generated, fleet_side = self.rollouts(step)
                 started = time.perf_counter()
-                state |= {"accuracy": last_accuracy, "seconds": dict(seconds)}
-                save(writer, policy, step, state)
-                seconds["checkpoint"] += time.perf_counter() - started
-    finally:
-        display.close()
-        metrics.close()
-    if not samples:
-        last_accuracy, samples = evaluate()
-    result = RLResult(
-        out, step, state["initial_accuracy"], last_accuracy, dict(seconds), samples[:3]
-    )
-    write_summary(result)
-    return result
+                measured = update(self.policy, generated, rl, step)
+                self.seconds["train"] += time.perf_counter() - started
+                record = {"step": step, **summarise(generated, step), **fleet_side, **measured}
+                record["time"] = time.time()
+                if step % rl.eval_every == 0 or step == rl.steps:
+                    last_accuracy, samples = self.evaluate()
+                    record["accuracy"] = last_accuracy
+                record["seconds"] = dict(self.seconds)
+                self.metrics.write(record)
+                display.update(record, rl.steps)
+                if step % rl.checkpoint_every == 0 or step == rl.steps:
+                    started = time.perf_counter()
+                    self.state |= {"accuracy": last_accuracy, "seconds": dict(self.seconds)}
+                    save(self.writer, self.policy, step, self.state)
+                    self.seconds["checkpoint"] += time.perf_counter() - started
+        finally:
+            display.close()
+        if not samples:
+            last_accuracy, samples = self.evaluate()
+        result = RLResult(
+            self.out, self.step, self.state["initial_accuracy"], last_accuracy,
+            dict(self.seconds), samples[:3],
+        )  # fmt: skip
+        write_summary(result)
+        return result
+
+
+def island_rates(results: list[dict[str, Any]]) -> list[float]:
+    return [sum(map(len, r["answers"])) / r["seconds"] for r in results if r["seconds"] > 0]
+
+
+def summarise(generated: Generated, step: int) -> dict[str, Any]:
+    """What a batch of rollouts says: reward, right answers, length, staleness, speed."""
+    items, count = generated.rollouts, len(generated.rollouts)
+    return {
+        "reward": sum(r.reward for r in items) / count,
+        "solved": sum(r.reward >= 1.0 for r in items) / count,
+        "response_length": generated.tokens / count,
+        "staleness": dict(Counter(str(step - 1 - r.version) for r in items)),
+        "rollout_tokens_per_s": generated.tokens_per_s,
+    }
 
 
 def _status(record: dict[str, Any]) -> str:

@@ -1,0 +1,215 @@
+"""A rollout island: a process that generates rollouts for a GRPO trainer (ostinato.rl.fleet).
+
+It connects to the trainer's store, says which model it would run (its fingerprint; refused by
+name if it is not the trainer's), takes the model's shape and tokenizer from the trainer (or
+from its own --model-from checkpoint), then loops: take the next work item, load the newest
+weights the trainer published if it has not yet (every payload sealed with a MAC under the
+fleet token, bound to its version), generate with the serving engine, and send back the answers
+with the version that made them and their per-token log-probabilities.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer
+
+from ostinato.config import ModelConfig
+from ostinato.errors import Refused
+from ostinato.fleet import wire
+from ostinato.model.llama import Llama
+from ostinato.rl.grpo import token_log_probs
+from ostinato.rl.rollout import generate
+
+log = logging.getLogger("ostinato")
+POLL_S = 0.01
+BEAT_S = 0.5
+
+
+def rl_prefix(token: str) -> str:
+    return wire.namespace(token) + "/rl"
+
+
+def fingerprint(model: ModelConfig, tokenizer: Tokenizer) -> dict[str, Any]:
+    tokenizer_hash = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()[:16]
+    return {"model": dataclasses.asdict(model), "tokenizer": tokenizer_hash}
+
+
+def put_sealed(view: Any, token: str, key: str, payload: bytes, *context: Any) -> None:
+    data = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+    view.set(key, wire.seal(data, token, *context).numpy().tobytes())
+
+
+def get_sealed(view: Any, token: str, key: str, *context: Any) -> bytes | None:
+    """The payload under `key` if its MAC holds for `context`; None if absent or changed."""
+    if not view.check([key]):
+        return None
+    raw = view.get(key)
+    sealed = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0)
+    opened = wire.unseal(sealed, token, *context)
+    return None if opened is None else opened.numpy().tobytes()
+
+
+def flat_parameters(model: Llama) -> torch.Tensor:
+    return torch.cat([p.detach().float().flatten() for p in model.parameters()])
+
+
+def load_flat(model: Llama, flat: torch.Tensor) -> None:
+    offset = 0
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(flat[offset : offset + param.numel()].view_as(param))
+            offset += param.numel()
+
+
+def strike(kind: str, model: Llama, tokenizer: Tokenizer, prompts: list[str]) -> None:
+    """A scripted fault (faults.schedule), mid-generation: half the answers' tokens are made,
+    then the process dies (crash: SIGKILL, no clean-up) or stops (hang: SIGSTOP, alive, its
+    sockets open). The trainer must see it by its guards: the exit, or no result in time."""
+    generate(model, tokenizer, prompts, 8, 1.0, list(range(len(prompts))))
+    log.warning("rollout island: fault %s strikes now", kind)
+    os.kill(os.getpid(), signal.SIGKILL if kind == "crash" else signal.SIGSTOP)
+    time.sleep(3600)  # a stopped process resumes here only if someone sends SIGCONT
+
+
+class RolloutIsland:
+    def __init__(self, coordinator: str, island: str, token: str, model_from: str = ""):
+        if not token:
+            raise ValueError("a rollout island needs the fleet token: set OSTINATO_FLEET_TOKEN")
+        self.island, self.token = island, token
+        self.incarnation = os.urandom(8).hex()  # this process: a replayed hello names another
+        store = wire.connect(coordinator, 30.0)
+        self.view = torch.distributed.PrefixStore(rl_prefix(token), store)
+        self.model_from = model_from
+        self.model: Llama | None = None
+        self.tokenizer: Tokenizer | None = None
+        self.version = -1
+        self.done = 0  # work items finished
+        self.stopping = threading.Event()
+
+    # --- joining ----------------------------------------------------------------------------
+
+    def join(self) -> None:
+        setup = self._setup()
+        if self.model_from:
+            from ostinato.checkpoint.reader import load_trained
+
+            trained = load_trained(self.model_from)
+            model_cfg, tokenizer = trained.config.model, trained.tokenizer
+        else:
+            model_cfg = ModelConfig(**setup["model"])
+            tokenizer = Tokenizer.from_str(setup["tokenizer"])
+        if setup.get("threads"):
+            torch.set_num_threads(int(setup["threads"]))
+        hello = {"fingerprint": fingerprint(model_cfg, tokenizer), "incarnation": self.incarnation}
+        put_sealed(
+            self.view, self.token, f"hello/{self.island}", json.dumps(hello).encode(),
+            "hello", self.island,
+        )  # fmt: skip
+        verdict = self._wait_json(f"verdict/{self.island}/{self.incarnation}", 60.0)
+        if not verdict.get("ok"):
+            raise Refused(
+                f"the RL trainer refused rollout island {self.island}: {verdict['reason']}"
+            )
+        self.model, self.tokenizer = Llama(model_cfg).eval(), tokenizer
+        log.info("rollout island %s: joined", self.island)
+
+    def _setup(self) -> dict[str, Any]:
+        deadline = time.monotonic() + 60.0
+        while time.monotonic() < deadline:
+            payload = get_sealed(self.view, self.token, "setup", "setup")
+            if payload is not None:
+                return json.loads(payload)
+            time.sleep(0.05)
+        raise wire.Unreachable("rollout island: no setup from the RL trainer within 60 s")
+
+    def _wait_json(self, key: str, timeout_s: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            payload = get_sealed(self.view, self.token, key, key)
+            if payload is not None:
+                return json.loads(payload)
+            time.sleep(POLL_S)
+        raise wire.Unreachable(f"rollout island: no answer to {key} within {timeout_s:.0f} s")
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self.join()
+        beats = threading.Thread(target=self._beat, daemon=True, name="ostinato-rl-beat")
+        beats.start()
+        while not self.stopping.is_set():
+            key = f"work/{self.island}/{self.incarnation}/{self.done + 1}"
+            payload = get_sealed(self.view, self.token, key, key)
+            if payload is None:
+                if self.view.check(["stop"]):
+                    break
+                time.sleep(POLL_S)
+                continue
+            work = json.loads(payload)
+            result = self.generate(work)
+            self.done += 1
+            context = f"result/{self.island}/{self.incarnation}/{self.done}"
+            put_sealed(self.view, self.token, context, json.dumps(result).encode(), context)
+        self.stopping.set()
+
+    def _beat(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                self.view.set(f"beat/{self.island}", json.dumps([self.incarnation, time.time()]))
+            except (RuntimeError, torch.distributed.DistStoreError):
+                return  # the trainer is gone
+            time.sleep(BEAT_S)
+
+    def _refresh(self) -> None:
+        """Load the newest weights the trainer published, if newer than ours."""
+        if not self.view.check(["version"]):
+            return
+        version = int(json.loads(self.view.get("version")))
+        if version <= self.version:
+            return
+        payload = get_sealed(self.view, self.token, "weights", "weights", version)
+        if payload is None:
+            return  # being replaced (or changed on its way): the next look reads it again
+        flat = torch.frombuffer(bytearray(payload), dtype=torch.float32)
+        load_flat(self.model, flat)
+        self.version = version
+
+    def generate(self, work: dict[str, Any]) -> dict[str, Any]:
+        while self.version < int(work["min_version"]):
+            self._refresh()
+            if self.version < int(work["min_version"]):
+                time.sleep(POLL_S)
+        self._refresh()
+        prompts, seeds = work["prompts"], work["seeds"]
+        if work.get("fault"):
+            strike(work["fault"], self.model, self.tokenizer, prompts)
+        answers, stopped, seconds = generate(
+            self.model, self.tokenizer, prompts, int(work["max_new_tokens"]),
+            float(work["temperature"]), seeds,
+        )  # fmt: skip
+        behaviour = self._log_probs(prompts, answers) if work.get("log_probs") else None
+        return {
+            "id": work["id"], "version": self.version, "answers": answers, "stopped": stopped,
+            "seconds": seconds, "behaviour": behaviour,
+        }  # fmt: skip
+
+    @torch.no_grad()
+    def _log_probs(self, prompts: list[str], answers: list[list[int]]) -> list[list[float]]:
+        """Per-token log-probabilities of each answer under the policy that generated it."""
+        out = []
+        for prompt, answer in zip(prompts, answers, strict=True):
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
+            tokens = torch.tensor([ids + answer])
+            logp = token_log_probs(self.model(tokens), tokens)[0, len(ids) - 1 :]
+            out.append(logp.tolist())
+        return out

@@ -1,0 +1,125 @@
+"""The trainer's side of rollout islands against a hand-played island: what it sends and what
+it refuses (a result changed on its way, ids outside the vocabulary, the wrong shape, a version
+never published, a stale one, a replayed or foreign hello). Every refusal is counted, the slice
+is generated again, and the batch still completes with the honest result."""
+
+import json
+import threading
+import time
+from dataclasses import replace
+
+import pytest
+import torch
+
+from ostinato.data.tokenizer import train_tokenizer
+from ostinato.fleet import wire
+from ostinato.model.llama import Llama
+from ostinato.rl.config import RLConfig
+from ostinato.rl.fleet import RolloutFleet
+from ostinato.rl.island import fingerprint, get_sealed, put_sealed, rl_prefix
+from tests.conftest import tiny_config
+
+pytestmark = pytest.mark.timeout(120)
+TOKEN = "test-token"
+
+
+class HandPlayedIsland:
+    """Island r0, played by the test: every message built by hand."""
+
+    def __init__(self, address: str, token: str = TOKEN):
+        self.token = token
+        self.view = torch.distributed.PrefixStore(rl_prefix(TOKEN), wire.connect(address, 10))
+        self.seq = 0
+
+    def hello(self, print_, incarnation: str, wait_s: float = 10) -> dict | None:
+        body = json.dumps({"fingerprint": print_, "incarnation": incarnation}).encode()
+        put_sealed(self.view, self.token, "hello/r0", body, "hello", "r0")
+        key = f"verdict/r0/{incarnation}"
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            verdict = get_sealed(self.view, TOKEN, key, key)
+            if verdict is not None:
+                return json.loads(verdict)
+            time.sleep(0.01)
+        return None
+
+    def next_work(self, incarnation: str) -> tuple[str, dict]:
+        self.seq += 1
+        key = f"work/r0/{incarnation}/{self.seq}"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            work = get_sealed(self.view, TOKEN, key, key)
+            if work is not None:
+                return key, json.loads(work)
+            time.sleep(0.01)
+        raise AssertionError(f"no {key}")
+
+    def answer(self, work_key: str, result: dict, token: str = TOKEN) -> None:
+        key = work_key.replace("work/", "result/", 1)
+        put_sealed(self.view, token, key, json.dumps(result).encode(), key)
+
+
+@pytest.fixture
+def fleet(tmp_path, monkeypatch):
+    monkeypatch.setenv("OSTINATO_FLEET_TOKEN", TOKEN)
+    cfg = tiny_config()
+    tokenizer = train_tokenizer(["What is 1 + 2? #### 3"] * 20, cfg.model.vocab_size)
+    model = Llama(cfg.model)
+    model.init_weights(0)
+    rl = RLConfig(rollout_islands=1, spawn=False, max_new_tokens=8, rollout_timeout_s=30)
+    fleet = RolloutFleet(rl, model, tokenizer, tmp_path)
+    yield fleet
+    fleet.close()
+
+
+def test_hostile_results_are_refused_counted_and_generated_again(fleet):
+    island = HandPlayedIsland(fleet.address)
+    foreign = fingerprint(replace(fleet.model.cfg, dim=32), fleet.tokenizer)
+    admitted = threading.Thread(target=fleet.wait_for_islands)
+    admitted.start()
+    refused = island.hello(foreign, "aaaa")
+    assert refused == {"ok": False, "reason": refused["reason"]}
+    assert "model.dim: 32 there, 64 here" in refused["reason"]
+    assert island.hello(fleet.print, "bbbb") == {"ok": True}
+    admitted.join(timeout=10)
+    assert fleet.islands["r0"].incarnation == "bbbb"
+    # a replayed hello (an incarnation already seen) gets no new verdict and changes nothing
+    island.view.delete_key("verdict/r0/aaaa")
+    body = json.dumps({"fingerprint": fleet.print, "incarnation": "aaaa"}).encode()
+    put_sealed(island.view, TOKEN, "hello/r0", body, "hello", "r0")
+    fleet._admit()  # what the trainer does while it waits for rollouts
+    assert not island.view.check(["verdict/r0/aaaa"])
+    assert fleet.islands["r0"].incarnation == "bbbb"
+
+    fleet.publish(0)
+    fleet.publish(1)
+    prompts, seeds = ["What is 1 + 2?"] * 4, [1, 2, 3, 4]
+    fleet.issue(2, prompts, seeds, min_version=1)
+    collected = {}
+    worker = threading.Thread(target=lambda: collected.update(out=fleet.collect(2)))
+    worker.start()
+    honest = {"version": 1, "answers": [[5, 6]] * 4, "stopped": [True] * 4, "seconds": 0.1}
+    honest["behaviour"] = None
+    hostile = [
+        ("bad MAC", {**honest}, "another-token"),
+        ("id outside the vocabulary", {**honest, "answers": [[5, 10**9]] * 4}, TOKEN),
+        ("too few answers", {**honest, "answers": [[5]] * 3}, TOKEN),
+        ("answer too long", {**honest, "answers": [[5] * 100] * 4}, TOKEN),
+        ("version never published", {**honest, "version": 7}, TOKEN),
+        ("seconds not a number", {**honest, "seconds": "soon"}, TOKEN),
+    ]
+    for _, result, token in hostile:
+        key, work = island.next_work("bbbb")
+        assert work["prompts"] == prompts and work["seeds"] == seeds
+        island.answer(key, {**result, "id": key}, token)
+    key, _ = island.next_work("bbbb")
+    island.answer(key, {**honest, "id": key, "version": 0})  # older than min_version 1: stale
+    key, _ = island.next_work("bbbb")
+    island.answer(key, {**honest, "id": key})
+    worker.join(timeout=20)
+    results, _ = collected["out"]
+    assert [r["answers"] for r in results] == [honest["answers"]]
+    assert results[0]["version"] == 1
+    assert fleet.counters.refused == 4 * len(hostile)
+    assert fleet.counters.dropped_stale == 4
+    assert fleet.counters.lost == 0 and fleet.counters.local == 0
