@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch that lies on this machine's disk; the package itself declares a range.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: demo test lint format clean
+.PHONY: demo rl-demo test lint format clean
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,15 @@ demo: $(VENV)/.base
 	$(OSTINATO) export runs/demo/a --out runs/demo-hf
 	$(OSTINATO) verify runs/demo-hf --device cpu
 	printf $(QUESTIONS) | $(OSTINATO) chat runs/demo-hf
+
+# Reasoning by reinforcement: the demo model trained alone, then GRPO with two rollout islands.
+rl-demo: $(VENV)/.base
+	rm -rf runs/demo-sft runs/rl-demo runs/rl-demo-hf
+	$(OSTINATO) train --config configs/demo.toml --out runs/demo-sft --train.steps=1200 \
+		--train.eval_every=0
+	$(OSTINATO) rl --config configs/rl-demo.toml --out runs/rl-demo
+	$(OSTINATO) export runs/rl-demo --out runs/rl-demo-hf
+	printf $(QUESTIONS) | $(OSTINATO) chat runs/rl-demo-hf
 
 test: $(VENV)/.dev
 	$(VENV)/bin/ruff check .

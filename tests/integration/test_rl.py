@@ -138,6 +138,12 @@ def test_a_bad_recipe_is_refused_by_field(init, tmp_path, extra, named):
     assert "Traceback" not in done.stderr
 
 
+def test_a_fault_an_rl_run_cannot_strike_is_refused(init, tmp_path):
+    done = run_recipe(tmp_path, init, "nan@step=2", rollout_islands=1)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "faults.schedule: nan@" in done.stderr and "crash and hang" in done.stderr
+
+
 def test_a_model_section_unlike_the_init_run_is_refused(init, tmp_path):
     config = recipe(tmp_path, init)
     config.write_text('[model]\nsize = "demo"\n\n' + config.read_text())

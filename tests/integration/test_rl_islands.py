@@ -18,6 +18,7 @@ from ostinato.rl.config import RLConfig
 from ostinato.rl.fleet import RolloutFleet
 from ostinato.rl.island import fingerprint, get_sealed, put_sealed, rl_prefix
 from tests.conftest import tiny_config
+from tests.dist.test_fleet_trust import listening
 
 pytestmark = pytest.mark.timeout(120)
 TOKEN = "test-token"
@@ -123,3 +124,10 @@ def test_hostile_results_are_refused_counted_and_generated_again(fleet):
     assert fleet.counters.refused == 4 * len(hostile)
     assert fleet.counters.dropped_stale == 4
     assert fleet.counters.lost == 0 and fleet.counters.local == 0
+
+
+def test_the_trainer_listens_only_where_it_was_told(fleet):
+    """rl.bind = 127.0.0.1:0: the store's socket, as the kernel holds it, is on loopback only."""
+    port = int(fleet.address.rsplit(":", 1)[1])
+    assert ("127.0.0.1", port) in listening()
+    assert not {(host, p) for host, p in listening() if p == port and host != "127.0.0.1"}

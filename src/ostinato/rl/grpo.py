@@ -28,7 +28,11 @@ def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     grouped = rewards.view(-1, group_size)
     mean = grouped.mean(dim=1, keepdim=True)
     std = grouped.std(dim=1, keepdim=True)
-    return ((grouped - mean) / (std + ADVANTAGE_EPS)).flatten()
+    advantages = (grouped - mean) / (std + ADVANTAGE_EPS)
+    # A group whose answers all score alike teaches nothing: exactly 0, not the rounding error
+    # of its mean (0.1 - mean(0.1, ...) is ~1e-9, which the eps would blow up to ~1e-5).
+    alike = grouped.amax(dim=1, keepdim=True) == grouped.amin(dim=1, keepdim=True)
+    return torch.where(alike, torch.zeros_like(advantages), advantages).flatten()
 
 
 def token_log_probs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
