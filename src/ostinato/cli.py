@@ -199,6 +199,8 @@ def chaos(
     strike from inside the island. Each fault is matched with the guard that caught it, in
     DIR/chaos.json. Exits 1 if a fault went undetected or the islands end with different
     parameters. Any --section.key=value goes to every island (--fleet.* also to the coordinator).
+    An RL recipe (rl.init set) runs `ostinato rl` instead, its rollout islands struck by
+    crash@island=rI,step=N and hang@island=rI,step=N.
     """
     from ostinato.config import load_config
     from ostinato.faults.chaos import chaos as run_chaos
@@ -206,6 +208,11 @@ def chaos(
 
     overrides = parse_overrides(ctx.args)
     cfg = load_config(config, overrides)  # refuse a bad config before starting anything
+    if cfg.rl.init:  # an RL recipe: its rollout islands are struck (rl.rollout_islands)
+        from ostinato.rl.chaos import rl_chaos
+        from ostinato.rl.command import explicit_sections
+
+        raise typer.Exit(rl_chaos(cfg, out, faults, explicit_sections(config, overrides)))
     chosen = island_names(islands, names)
     per_island = parse_per_island(for_island or [], chosen)
     code = run_chaos(config, out, chosen, faults, overrides, per_island, compare, cfg)

@@ -163,24 +163,31 @@ def run_recipe(tmp_path: Path, init: Path, faults: str = "", **rl) -> subprocess
 
 
 def test_rollout_islands_survive_a_crash_and_a_hang(init, tmp_path):
-    """Island r0 is killed (SIGKILL) and r1 stopped (SIGSTOP) mid-generation: the trainer sees
-    the exit and the silence, counts the answers in flight as lost, has them generated again,
-    restarts both islands, and every update still trains on rollouts of its own policy."""
-    done = run_recipe(
-        tmp_path, init, "crash@island=r0,step=2; hang@island=r1,step=4",
-        steps=5, eval_every=5, rollout_islands=2, rollout_timeout_s=5.0,
+    """Under `ostinato chaos`, island r0 is killed (SIGKILL) and r1 stopped (SIGSTOP)
+    mid-generation: the trainer sees the exit and the silence, counts the answers in flight as
+    lost, has them generated again, restarts both islands, and every update still trains on
+    rollouts of its own policy. The survival table names the guard that saw each fault."""
+    config = recipe(tmp_path, init, steps=5, eval_every=5, rollout_islands=2)
+    out = tmp_path / "out"
+    done = run_cli(
+        "chaos", "--config", str(config), "--out", str(out), "--rl.rollout_timeout_s=5",
+        "--faults", "crash@island=r0,step=2; hang@island=r1,step=4", timeout=240,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "rollout island r0 exited" in done.stderr
-    assert "rollout island r1 sent nothing for 5 s" in done.stderr
-    records = read_jsonl(tmp_path / "out" / "metrics.jsonl")
+    report = json.loads((out / "chaos.json").read_text())
+    guards = {(f["kind"], f["island"], f["step"]): f["guard"] for f in report["faults"]}
+    assert guards == {("crash", "r0", 2): "exit", ("hang", "r1", 4): "rollout timeout"}
+    hang = next(f for f in report["faults"] if f["kind"] == "hang")
+    assert hang["detected_at"] - hang["injected_at"] >= 5.0  # no earlier than its timeout
+    assert "survival table" in done.stdout
+    records = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
     assert all(r["staleness"] == {"0": 8} for r in records)  # re-synced before any new work
     last = records[-1]
     assert last["island_restarts"] == 2
     assert last["lost_rollouts"] >= 8  # at least each struck island's own slice of 4
     assert last["local_rollouts"] == 0  # one island was up at every moment
-    joins = (tmp_path / "out" / "islands" / "r0.log").read_text().count("joined")
+    joins = (out / "islands" / "r0.log").read_text().count("joined")
     assert joins == 2  # the restarted r0 joined again
 
 

@@ -95,9 +95,10 @@ class RolloutFleet:
         self.slices: dict[int, list[Slice]] = {}
         self.version = -1
         self.counters = FleetCounters()
-        self.faults = dict(
-            faults or {}
-        )  # (island, update) -> "crash" | "hang": scripted, struck once
+        # (island, update) -> "crash" | "hang": scripted faults, each struck once; and those
+        # sent, with the guard that saw each
+        self.faults = dict(faults or {})
+        self.struck: list[dict[str, Any]] = []
         (out / "islands").mkdir(parents=True, exist_ok=True)
         if not rl.spawn:
             log.info("rl: waiting for rollout islands at %s (`ostinato rl rollout`)", self.address)
@@ -187,6 +188,9 @@ class RolloutFleet:
         piece.island, piece.issued_at = island.name, time.monotonic()
         piece.key = f"work/{island.name}/{island.incarnation}/{island.issued}"
         fault = self.faults.pop((island.name, piece.step), None)  # a scripted fault, once
+        if fault:
+            strike = {"kind": fault, "island": island.name, "step": piece.step}
+            self.struck.append(strike | {"injected_at": time.time(), "detected_at": None})
         payload = json.dumps({**piece.work, "id": piece.key, "fault": fault}).encode()
         put_sealed(self.view, self.token, piece.key, payload, piece.key)
         island.outstanding.append(piece)
@@ -241,6 +245,7 @@ class RolloutFleet:
             put_sealed(self.view, self.token, key, json.dumps(verdict).encode(), key)
             if verdict["ok"]:
                 island.incarnation, island.issued = incarnation, 0
+                self._rejoined(island.name)
                 log.info("rl: rollout island %s joined", island.name)
             else:
                 log.warning("rl: refused rollout island %s: %s", island.name, verdict["reason"])
@@ -277,6 +282,7 @@ class RolloutFleet:
                 island.name, why, in_flight,
             )  # fmt: skip
             self.counters.lost += in_flight
+            self._detected(island.name, "exit" if exited else "rollout timeout", in_flight)
             for piece in island.outstanding:
                 piece.island = None
             island.outstanding = []
@@ -353,6 +359,16 @@ class RolloutFleet:
                 if not all(isinstance(v, int | float) and -1e4 < v <= 0 for v in logp):
                     return "a log-probability is out of range"
         return None
+
+    def _detected(self, name: str, guard: str, lost: int) -> None:
+        for strike in self.struck:
+            if strike["island"] == name and strike["detected_at"] is None:
+                strike |= {"detected_at": time.time(), "guard": guard, "answers_lost": lost}
+
+    def _rejoined(self, name: str) -> None:
+        for strike in self.struck:
+            if strike["island"] == name and strike["detected_at"] and "rejoined_at" not in strike:
+                strike["rejoined_at"] = time.time()
 
     # --- what a person watches --------------------------------------------------------------
 

@@ -57,6 +57,8 @@ class RLResult:
     final_accuracy: float
     seconds: dict[str, float] = field(default_factory=dict)
     samples: list[tuple[Any, str]] = field(default_factory=list)
+    faults: list[dict[str, Any]] = field(default_factory=list)  # scripted strikes, and guards
+    counters: dict[str, int] = field(default_factory=dict)  # of the rollout islands
 
 
 def batch_of(items: list[Rollout]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -299,6 +301,9 @@ class RLRun:
             self.out, self.step, self.state["initial_accuracy"], last_accuracy,
             dict(self.seconds), samples[:3],
         )  # fmt: skip
+        if self.fleet is not None:
+            result.faults = self.fleet.struck
+            result.counters = dataclasses.asdict(self.fleet.counters)
         write_summary(result)
         return result
 
