@@ -192,7 +192,10 @@ def test_rollout_islands_survive_a_crash_and_a_hang(init, tmp_path):
 
 
 def test_stale_rollouts_stay_within_max_staleness(init, tmp_path):
-    done = run_recipe(tmp_path, init, steps=5, eval_every=5, rollout_islands=2, max_staleness=1)
+    done = run_recipe(
+        tmp_path, init, steps=5, eval_every=5, rollout_islands=2, max_staleness=1,
+        weight_push="int4",
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     records = read_jsonl(tmp_path / "out" / "metrics.jsonl")
     seen = {k for r in records for k in r["staleness"]}
@@ -202,3 +205,6 @@ def test_stale_rollouts_stay_within_max_staleness(init, tmp_path):
     assert "1" in seen
     weights = [r["importance_weight"] for r in records if r["staleness"].get("1")]
     assert all(0 < w <= 2.0 for w in weights) and any(w != 1.0 for w in weights)
+    # int4 deltas after the first whole copy: 1/8 of fp32, plus a 4-byte scale per 128 values
+    pushed = [r["weight_push_bytes"] for r in records if "weight_push_bytes" in r]
+    assert pushed[0] > 7 * max(pushed[1:])

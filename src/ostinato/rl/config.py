@@ -38,6 +38,11 @@ class RLConfig:
     rollout_timeout_s: float = option(
         120.0, "a rollout island that sends no result for this long is restarted", gt=0.0
     )
+    weight_push: str = option(
+        "full",
+        "weights to rollout islands: whole fp32, or deltas quantized per block (error feedback)",
+        choices=("full", "int8", "int4"),
+    )
     bind: str = option(
         "127.0.0.1:0", "where the trainer's store listens for rollout islands (port 0: any free)"
     )

@@ -32,8 +32,9 @@ from tokenizers import Tokenizer
 from ostinato.fleet import wire
 from ostinato.model.llama import Llama
 from ostinato.rl.config import RLConfig
-from ostinato.rl.island import fingerprint, flat_parameters, get_sealed, put_sealed, rl_prefix
+from ostinato.rl.island import fingerprint
 from ostinato.rl.rollout import generate
+from ostinato.rl.weights import Publisher, flat_parameters, get_sealed, put_sealed, rl_prefix
 
 log = logging.getLogger("ostinato")
 POLL_S = 0.005
@@ -89,10 +90,14 @@ class RolloutFleet:
         self.view = torch.distributed.PrefixStore(rl_prefix(self.token), self.store)
         self.print = fingerprint(model.cfg, tokenizer)
         setup = {"model": self.print["model"], "tokenizer": tokenizer.to_str()}
-        setup["threads"] = rl.threads
+        setup |= {"threads": rl.threads, "weight_push": rl.weight_push}
+        self.publisher = Publisher(self.view, self.token, rl.weight_push)
         put_sealed(self.view, self.token, "setup", json.dumps(setup).encode(), "setup")
         self.islands = {f"r{i}": Island(f"r{i}") for i in range(rl.rollout_islands)}
         self.slices: dict[int, list[Slice]] = {}
+        # islands measure their answers' log-probs when they may differ from the trainer's:
+        # stale rollouts, or weights pushed as quantized deltas
+        self.measures_behaviour = rl.max_staleness > 0 or rl.weight_push != "full"
         self.version = -1
         self.counters = FleetCounters()
         # (island, update) -> "crash" | "hang": scripted faults, each struck once; and those
@@ -152,11 +157,8 @@ class RolloutFleet:
 
     def publish(self, version: int) -> int:
         """Make the policy's current weights version `version`; returns the bytes sent."""
-        payload = flat_parameters(self.model).numpy().tobytes()
-        put_sealed(self.view, self.token, "weights", payload, "weights", version)
-        self.view.set("version", json.dumps(version))
         self.version = version
-        return len(payload)
+        return self.publisher.publish(flat_parameters(self.model), version)
 
     # --- work -------------------------------------------------------------------------------
 
@@ -170,7 +172,7 @@ class RolloutFleet:
             work = {
                 "step": step, "min_version": min_version, "prompts": prompts[lo:hi],
                 "seeds": seeds[lo:hi], "max_new_tokens": self.rl.max_new_tokens,
-                "temperature": self.rl.temperature, "log_probs": self.rl.max_staleness > 0,
+                "temperature": self.rl.temperature, "log_probs": self.measures_behaviour,
             }  # fmt: skip
             slices.append(Slice(step, lo, hi, work, island=name))
         self.slices[step] = slices

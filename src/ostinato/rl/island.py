@@ -29,46 +29,16 @@ from ostinato.fleet import wire
 from ostinato.model.llama import Llama
 from ostinato.rl.grpo import token_log_probs
 from ostinato.rl.rollout import generate
+from ostinato.rl.weights import Receiver, get_sealed, load_flat, put_sealed, rl_prefix
 
 log = logging.getLogger("ostinato")
 POLL_S = 0.01
 BEAT_S = 0.5
 
 
-def rl_prefix(token: str) -> str:
-    return wire.namespace(token) + "/rl"
-
-
 def fingerprint(model: ModelConfig, tokenizer: Tokenizer) -> dict[str, Any]:
     tokenizer_hash = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()[:16]
     return {"model": dataclasses.asdict(model), "tokenizer": tokenizer_hash}
-
-
-def put_sealed(view: Any, token: str, key: str, payload: bytes, *context: Any) -> None:
-    data = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-    view.set(key, wire.seal(data, token, *context).numpy().tobytes())
-
-
-def get_sealed(view: Any, token: str, key: str, *context: Any) -> bytes | None:
-    """The payload under `key` if its MAC holds for `context`; None if absent or changed."""
-    if not view.check([key]):
-        return None
-    raw = view.get(key)
-    sealed = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0)
-    opened = wire.unseal(sealed, token, *context)
-    return None if opened is None else opened.numpy().tobytes()
-
-
-def flat_parameters(model: Llama) -> torch.Tensor:
-    return torch.cat([p.detach().float().flatten() for p in model.parameters()])
-
-
-def load_flat(model: Llama, flat: torch.Tensor) -> None:
-    offset = 0
-    with torch.no_grad():
-        for param in model.parameters():
-            param.copy_(flat[offset : offset + param.numel()].view_as(param))
-            offset += param.numel()
 
 
 def strike(kind: str, model: Llama, tokenizer: Tokenizer, prompts: list[str]) -> None:
@@ -121,6 +91,8 @@ class RolloutIsland:
                 f"the RL trainer refused rollout island {self.island}: {verdict['reason']}"
             )
         self.model, self.tokenizer = Llama(model_cfg).eval(), tokenizer
+        numel = sum(p.numel() for p in self.model.parameters())
+        self.weights = Receiver(self.view, self.token, setup.get("weight_push", "full"), numel)
         log.info("rollout island %s: joined", self.island)
 
     def _setup(self) -> dict[str, Any]:
@@ -172,17 +144,9 @@ class RolloutIsland:
 
     def _refresh(self) -> None:
         """Load the newest weights the trainer published, if newer than ours."""
-        if not self.view.check(["version"]):
-            return
-        version = int(json.loads(self.view.get("version")))
-        if version <= self.version:
-            return
-        payload = get_sealed(self.view, self.token, "weights", "weights", version)
-        if payload is None:
-            return  # being replaced (or changed on its way): the next look reads it again
-        flat = torch.frombuffer(bytearray(payload), dtype=torch.float32)
-        load_flat(self.model, flat)
-        self.version = version
+        if self.weights.refresh():
+            load_flat(self.model, self.weights.held)
+            self.version = self.weights.version
 
     def generate(self, work: dict[str, Any]) -> dict[str, Any]:
         while self.version < int(work["min_version"]):

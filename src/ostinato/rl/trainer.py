@@ -74,22 +74,22 @@ def batch_of(items: list[Rollout]) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens, mask
 
 
-def behaviour_of(items: list[Rollout], old: torch.Tensor, step: int) -> torch.Tensor | None:
+def behaviour_of(items: list[Rollout], old: torch.Tensor) -> torch.Tensor | None:
     """Per-token log-probs of the policies that generated the rollouts, aligned with `old`
-    (the update's own): a fresh rollout's are `old` (its importance weights are 1), a stale
-    one's are what its island measured. None when every rollout is fresh."""
-    stale = [r for r in items if r.version < step - 1]
-    if not stale:
+    (the update's own): what the island measured where it did (stale rollouts, or weights
+    pushed as quantized deltas), else `old` itself (importance weight 1). None when no
+    rollout carries its own."""
+    if all(r.behaviour is None for r in items):
         return None
     behaviour = old.clone()
     for row, r in enumerate(items):
-        if r.version < step - 1 and r.behaviour is not None:
+        if r.behaviour is not None:
             start = len(r.prompt) - 1
             behaviour[row, start : start + len(r.behaviour)] = torch.tensor(r.behaviour)
     return behaviour
 
 
-def update(policy: Policy, generated: Generated, rl: RLConfig, step: int) -> dict[str, float]:
+def update(policy: Policy, generated: Generated, rl: RLConfig) -> dict[str, float]:
     """One AdamW step on the GRPO loss of a batch of rollouts; what it measured."""
     model, items = policy.model, generated.rollouts
     rewards = torch.tensor([r.reward for r in items])
@@ -100,7 +100,7 @@ def update(policy: Policy, generated: Generated, rl: RLConfig, step: int) -> dic
         ref = None
         if policy.reference is not None:
             ref = token_log_probs(policy.reference(tokens), tokens)
-    behaviour = behaviour_of(items, old, step)
+    behaviour = behaviour_of(items, old)
     log_probs = token_log_probs(model(tokens), tokens)
     parts = grpo_loss(
         log_probs, old, advantages, mask, rl.clip, rl.kl, ref, behaviour, rl.importance_cap
@@ -278,7 +278,7 @@ class RLRun:
                 step = self.step
                 generated, fleet_side = self.rollouts(step)
                 started = time.perf_counter()
-                measured = update(self.policy, generated, rl, step)
+                measured = update(self.policy, generated, rl)
                 self.seconds["train"] += time.perf_counter() - started
                 record = {"step": step, **summarise(generated, step), **fleet_side, **measured}
                 record["time"] = time.time()
