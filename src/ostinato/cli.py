@@ -271,11 +271,15 @@ from ostinato.serve.commands import register as register_serving  # noqa: E402
 register_serving(app)
 
 from ostinato.rl.command import register as register_rl  # noqa: E402
+from ostinato.rl.command import run_rollout_island  # noqa: E402
 
 register_rl(app)
 
 
 def main() -> None:
+    if sys.argv[1:3] == ["rl", "rollout"]:  # a subcommand of a command that takes overrides
+        run_rollout_island(sys.argv[3:])
+        return
     app(prog_name="ostinato")
 
 

@@ -23,7 +23,9 @@ def explicit_sections(config: Path, overrides: list[str]) -> set[str]:
 
 def rl(
     ctx: typer.Context,
-    config: Annotated[Path | None, typer.Option(help="TOML recipe with an [rl] section.")] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="TOML recipe; its rl section says what.")
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Run directory (default runs/<recipe>).")] = None,
     resume: Annotated[
         str, typer.Option(help="auto, none, a run directory or a checkpoint.")
@@ -37,9 +39,6 @@ def rl(
     checkpoints/ that `ostinato export`, `serve` and `chat` read like a training run's.
     With rl.rollout_islands = K it starts K rollout islands (`ostinato rl rollout --help`).
     """
-    if ctx.args[:1] == ["rollout"]:
-        typer.main.get_command(rollout_app)(ctx.args[1:], prog_name="ostinato rl rollout")
-        return
     if config is None:
         raise typer.BadParameter("--config is required", param_hint="--config")
     from rich.console import Console
@@ -68,6 +67,7 @@ rollout_app = typer.Typer(add_completion=False)
 
 
 @rollout_app.command()
+@user_errors
 def rollout(
     coordinator: Annotated[str, typer.Option(help="HOST:PORT of the RL trainer's store.")],
     island: Annotated[str, typer.Option(help="This island's name, e.g. r0.")],
@@ -77,6 +77,7 @@ def rollout(
             help="Run or checkpoint whose model this island runs (default: the trainer's)."
         ),
     ] = "",
+    debug: Debug = False,
 ) -> None:
     """A rollout island: generate rollouts for the RL trainer at COORDINATOR (the fleet token
     from OSTINATO_FLEET_TOKEN). The trainer starts these itself; on another host, start them by
@@ -84,6 +85,11 @@ def rollout(
     from ostinato.rl.island import RolloutIsland
 
     RolloutIsland(coordinator, island, os.environ.get("OSTINATO_FLEET_TOKEN", ""), model_from).run()
+
+
+def run_rollout_island(args: list[str]) -> None:
+    """`ostinato rl rollout ...`: dispatched before `rl`, whose extra words are overrides."""
+    typer.main.get_command(rollout_app)(args, prog_name="ostinato rl rollout")
 
 
 def register(app: typer.Typer) -> None:

@@ -57,7 +57,13 @@ class RolloutIsland:
             raise ValueError("a rollout island needs the fleet token: set OSTINATO_FLEET_TOKEN")
         self.island, self.token = island, token
         self.incarnation = os.urandom(8).hex()  # this process: a replayed hello names another
-        store = wire.connect(coordinator, 30.0)
+        try:
+            store = wire.connect(coordinator, 30.0)
+        except wire.Unreachable:
+            raise wire.Unreachable(
+                f"rollout island {island}: no RL trainer answers at {coordinator} (its log says "
+                "where it waits for rollout islands: `rl: waiting for rollout islands at ...`)"
+            ) from None
         self.view = torch.distributed.PrefixStore(rl_prefix(token), store)
         self.model_from = model_from
         self.model: Llama | None = None
