@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ostinato.jsonl import read_jsonl
@@ -12,10 +13,11 @@ def draw_curve(run_dir: Path, path_png: Path) -> bool:
     rows = read_jsonl(run_dir / "metrics.jsonl")
     if not rows:
         return False
+    summary = json.loads((run_dir / "summary.json").read_text())
     # Lazy: matplotlib is slow to import and only reports need it (as curves.draw_loss).
     from matplotlib.figure import Figure
 
-    start = rows[0]["time"] - sum(rows[0].get("seconds", {}).values()) / max(1, rows[0]["step"])
+    start = summary.get("started_at") or rows[0]["time"]
     figure = Figure(figsize=(8, 4.5))
     axes = figure.add_subplot()
     minutes = [(row["time"] - start) / 60 for row in rows]
@@ -23,13 +25,13 @@ def draw_curve(run_dir: Path, path_png: Path) -> bool:
     axes.plot(
         minutes, [row["solved"] for row in rows], color="tab:cyan", label="answers right (sampled)"
     )
-    evaluated = [
+    evaluated = [(0.0, summary["initial_accuracy"])]  # measured before the first update
+    evaluated += [
         (m, row["accuracy"]) for m, row in zip(minutes, rows, strict=True) if "accuracy" in row
     ]
-    if evaluated:
-        axes.plot(
-            *zip(*evaluated, strict=True), "o-", color="tab:red", label="held-out accuracy (greedy)"
-        )
+    axes.plot(
+        *zip(*evaluated, strict=True), "o-", color="tab:red", label="held-out accuracy (greedy)"
+    )
     axes.set_xlabel("wall-clock minutes")
     axes.set_ylim(0, max(1.1, max(row["reward"] for row in rows) * 1.05))
     axes.set_title(f"{Path(run_dir).name}: GRPO")

@@ -56,6 +56,7 @@ class RLResult:
     initial_accuracy: float
     final_accuracy: float
     seconds: dict[str, float] = field(default_factory=dict)
+    started_at: float | None = None  # unix time of the first start (before its evaluation)
     samples: list[tuple[Any, str]] = field(default_factory=list)
     faults: list[dict[str, Any]] = field(default_factory=list)  # scripted strikes, and guards
     counters: dict[str, int] = field(default_factory=dict)  # of the rollout islands
@@ -194,6 +195,7 @@ class RLRun:
             )
             self.fleet.wait_for_islands()
         if "initial_accuracy" not in self.state:
+            self.state["started_at"] = time.time()  # the curve's zero, across resumes
             self.state["initial_accuracy"] = self.evaluate()[0]
             log.info("rl: held-out accuracy before any update %.3f", self.state["initial_accuracy"])
 
@@ -301,6 +303,7 @@ class RLRun:
             self.out, self.step, self.state["initial_accuracy"], last_accuracy,
             dict(self.seconds), samples[:3],
         )  # fmt: skip
+        result.started_at = self.state.get("started_at")
         if self.fleet is not None:
             result.faults = self.fleet.struck
             result.counters = dataclasses.asdict(self.fleet.counters)
@@ -336,6 +339,7 @@ def write_summary(result: RLResult) -> None:
         "steps": result.step,
         "initial_accuracy": result.initial_accuracy,
         "final_accuracy": result.final_accuracy,
+        "started_at": result.started_at,
         "seconds": result.seconds,
     }
     (result.out / "summary.json").write_text(json.dumps(summary, indent=1))
