@@ -54,3 +54,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture
 def tiny() -> Config:
     return tiny_config()
+
+
+@pytest.fixture(scope="session")
+def sft_run(tmp_path_factory) -> Path:
+    """A tiny model trained long enough to end some sampled answers with `#### N`: rewards then
+    differ within groups, so updates move the parameters and the resume test can bite."""
+    out = tmp_path_factory.mktemp("sft") / "run"
+    done = run_cli(
+        "train", "--config", str(TINY), "--out", str(out), "--train.steps=300",
+        "--checkpoint.every=0", timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out

@@ -33,7 +33,7 @@ from ostinato.checkpoint.state import (
 from ostinato.checkpoint.store import CheckpointWriter
 from ostinato.config import CheckpointConfig, Config, save_config
 from ostinato.rl.config import RLConfig
-from ostinato.rl.fleet import RolloutFleet
+from ostinato.rl.fleet import FleetCounters, RolloutFleet
 from ostinato.rl.grpo import group_advantages, grpo_loss, token_log_probs
 from ostinato.rl.policy import (
     TOKENIZER_FILE,
@@ -193,6 +193,8 @@ class RLRun:
             self.fleet = RolloutFleet(
                 self.rl, policy.model, policy.tokenizer, self.out, self.faults
             )
+            # the counts of lost, refused, stale... rollouts go on from the checkpoint's
+            self.fleet.counters = FleetCounters(**self.state.get("rollouts", {}))
             self.fleet.wait_for_islands()
         if "initial_accuracy" not in self.state:
             self.state["started_at"] = time.time()  # the curve's zero, across resumes
@@ -293,6 +295,8 @@ class RLRun:
                 if step % rl.checkpoint_every == 0 or step == rl.steps:
                     started = time.perf_counter()
                     self.state |= {"accuracy": last_accuracy, "seconds": dict(self.seconds)}
+                    if self.fleet is not None:
+                        self.state["rollouts"] = dataclasses.asdict(self.fleet.counters)
                     save(self.writer, self.policy, step, self.state)
                     self.seconds["checkpoint"] += time.perf_counter() - started
         finally:

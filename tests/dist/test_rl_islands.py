@@ -1,0 +1,60 @@
+"""Rollout islands as processes beside the RL trainer, struck by faults and running ahead of
+it. Here with the other multi-process tests (one at a time, tests/conftest.py), so that they
+do not share the 2 cores with a fleet under a storm."""
+
+import json
+
+import pytest
+
+from tests.conftest import run_cli
+from tests.integration.test_rl import read_jsonl, recipe, run_recipe
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def test_rollout_islands_survive_a_crash_and_a_hang(sft_run, tmp_path):
+    """Under `ostinato chaos`, island r0 is killed (SIGKILL) and r1 stopped (SIGSTOP)
+    mid-generation: the trainer sees the exit and the silence, counts the answers in flight as
+    lost, has them generated again, restarts both islands, and every update still trains on
+    rollouts of its own policy. The survival table names the guard that saw each fault."""
+    config = recipe(tmp_path, sft_run, steps=5, eval_every=5, rollout_islands=2)
+    out = tmp_path / "out"
+    done = run_cli(
+        "chaos", "--config", str(config), "--out", str(out), "--rl.rollout_timeout_s=5",
+        "--faults", "crash@island=r0,step=2; hang@island=r1,step=4", timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "chaos.json").read_text())
+    guards = {(f["kind"], f["island"], f["step"]): f["guard"] for f in report["faults"]}
+    assert guards == {("crash", "r0", 2): "exit", ("hang", "r1", 4): "rollout timeout"}
+    hang = next(f for f in report["faults"] if f["kind"] == "hang")
+    assert hang["detected_at"] - hang["injected_at"] >= 5.0  # no earlier than its timeout
+    assert "survival table" in done.stdout
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    assert all(r["staleness"] == {"0": 8} for r in records)  # re-synced before any new work
+    last = records[-1]
+    assert last["island_restarts"] == 2
+    assert last["lost_rollouts"] >= 8  # at least each struck island's own slice of 4
+    assert last["local_rollouts"] == 0  # one island was up at every moment
+    joins = (out / "islands" / "r0.log").read_text().count("joined")
+    assert joins == 2  # the restarted r0 joined again
+
+
+def test_stale_rollouts_stay_within_max_staleness(sft_run, tmp_path):
+    done = run_recipe(
+        tmp_path, sft_run, steps=5, eval_every=5, rollout_islands=2, max_staleness=1,
+        weight_push="int4",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = read_jsonl(tmp_path / "out" / "metrics.jsonl")
+    seen = {k for r in records for k in r["staleness"]}
+    assert seen <= {"0", "1"}
+    # the islands ran ahead of the trainer (its next update's work is out before the update):
+    # a rollout one version old is corrected by its importance weight, truncated at the cap
+    assert "1" in seen
+    weights = [r["importance_weight"] for r in records if r["staleness"].get("1")]
+    assert all(0 < w <= 2.0 for w in weights) and any(w != 1.0 for w in weights)
+    # int4 deltas after the first whole copy: 1/8 of fp32, plus a 4-byte scale per 128 values
+    pushed = [r["weight_push_bytes"] for r in records if "weight_push_bytes" in r]
+    assert pushed[0] > 7 * max(pushed[1:])
