@@ -4,6 +4,8 @@ never published, a stale one, a replayed or foreign hello). Every refusal is cou
 is generated again, and the batch still completes with the honest result."""
 
 import json
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -17,7 +19,7 @@ from ostinato.model.llama import Llama
 from ostinato.rl.config import RLConfig
 from ostinato.rl.fleet import RolloutFleet
 from ostinato.rl.island import fingerprint, get_sealed, put_sealed, rl_prefix
-from tests.conftest import tiny_config
+from tests.conftest import TINY, cli_env, run_cli, tiny_config
 from tests.dist.test_fleet_trust import listening
 
 pytestmark = pytest.mark.timeout(120)
@@ -131,3 +133,28 @@ def test_the_trainer_listens_only_where_it_was_told(fleet):
     port = int(fleet.address.rsplit(":", 1)[1])
     assert ("127.0.0.1", port) in listening()
     assert not {(host, p) for host, p in listening() if p == port and host != "127.0.0.1"}
+
+
+def test_an_island_of_another_model_is_refused_by_name(fleet, tmp_path):
+    """`ostinato rl rollout --model-from RUN` of another model, started by hand against a
+    trainer that waits for its islands: refused, exit 3, the differing field named."""
+    other = tmp_path / "other"
+    trained = run_cli(
+        "train", "--config", str(TINY), "--out", str(other), "--train.steps=2",
+        "--model.dim=32", "--model.n_heads=1", "--checkpoint.every=0", "--train.eval_problems=0",
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    island = subprocess.Popen(
+        [sys.executable, "-m", "ostinato", "rl", "rollout", "--coordinator", fleet.address,
+         "--island", "r0", "--model-from", str(other)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**cli_env(), "OSTINATO_FLEET_TOKEN": TOKEN},
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while island.poll() is None and time.monotonic() < deadline:
+        fleet._admit()  # what the trainer does while it waits
+        time.sleep(0.05)
+    output = island.communicate(timeout=30)[0]
+    assert island.returncode == 3, output[-2000:]
+    assert "refused rollout island r0" in output and "model.dim: 32 there, 64 here" in output
+    assert fleet.islands["r0"].incarnation is None
