@@ -336,7 +336,12 @@ def test_when_every_member_dies_the_fleet_goes_on_from_its_checkpoint(tmp_path):
     assert fleet.wait() == 0, fleet.output[-4000:]
     assert "carries the fleet on" in fleet.output
     log = rounds(out)
-    assert [r["round"] for r in log] == list(range(1, 13))
+    numbers = [r["round"] for r in log]
+    # every round of the budget committed; a round after the checkpoint it restored (written
+    # in the background, it may be a round behind) is trained again, under its own number
+    assert sorted(set(numbers)) == list(range(1, 13)) and numbers[-1] == 12
+    repeated = len(numbers) - len(set(numbers))
+    assert repeated == 0 or "trained again" in fleet.output
     assert log[-1]["members"] == ["a", "b"]
     assert set(final_digests(out, ["a", "b"]).values()) == {log[-1]["digest"]}
 
