@@ -14,7 +14,7 @@ import torch
 
 from ostinato.checkpoint.reader import load_trained
 from ostinato.checkpoint.state import init_optimizer_state, tensor_state
-from ostinato.checkpoint.store import committed_checkpoints, load_tensors
+from ostinato.checkpoint.store import committed_checkpoints, load_tensors, verify
 from ostinato.jsonl import read_jsonl
 from tests.conftest import cli_env, run_cli
 
@@ -85,7 +85,10 @@ def test_killed_and_resumed_ends_bit_identical(reference, sft_run, tmp_path):
     kill_after = random.Random().randint(1, 3)  # in the message of any failure: reproducible
     deadline = time.monotonic() + 200
     while time.monotonic() < deadline and process.poll() is None:
-        if len(committed_checkpoints(out / "checkpoints")) >= kill_after:
+        # a checkpoint whose files and marker are complete (its marker may exist a moment
+        # before it holds the checksum: a kill then falls back to the previous checkpoint)
+        done = committed_checkpoints(out / "checkpoints")
+        if len(done) >= kill_after and verify(done[0]) is None:
             break
         time.sleep(0.002)
     assert process.poll() is None, f"the run ended before update {kill_after}"

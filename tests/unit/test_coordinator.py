@@ -97,6 +97,7 @@ class Island:
         reconnect: bool = False,
         fingerprint: dict[str, Any] | None = None,
         mac_token: str | None = None,
+        digest: str | None = None,
     ) -> str:
         """Knock, then answer the challenge (as membership.knock does); returns the nonce."""
         self.nonce, challenge = self.challenge(coordinator)
@@ -108,6 +109,8 @@ class Island:
             "round_have": round_have,
             "reconnect": reconnect,
         }
+        if digest is not None:
+            answer["digest"] = digest
         answer["mac"] = wire.join_mac(self.token if mac_token is None else mac_token, answer)
         self.post(json.dumps(answer) + "\n")
         return self.nonce
@@ -500,6 +503,22 @@ def test_a_fresh_island_is_healed_by_a_member_never_becomes_the_donor(make_coord
         island.ready(3)
     rec = drive(coordinator, [a, b, fresh], planned(coordinator, 3, 0))
     assert rec["members"] == ["a", "b", "c"]
+
+
+def test_the_round_a_restarted_island_holds_must_be_the_fleets_state_of_it(make_coordinator):
+    """After a rewind a round number can name two states: an island that comes back saying it
+    holds the last committed round is a member only if its global parameters' digest is the
+    one the fleet committed; otherwise it is a joiner, healed before its work counts."""
+    coordinator = make_coordinator()
+    a, b = Island(coordinator, "a"), Island(coordinator, "b")
+    a.knock(coordinator)
+    b.knock(coordinator)
+    commit_round(coordinator, [a, b], 1, digest="d1")
+    back = Island(coordinator, "c")
+    other_lineage = back.knock(coordinator, round_have=1, digest="d-other")
+    assert other_lineage["role"] == "joiner"
+    same = Island(coordinator, "d").knock(coordinator, round_have=1, digest="d1")
+    assert same["role"] == "member"
 
 
 def test_coordinator_restart_loses_and_repeats_no_round(make_coordinator, tmp_path):

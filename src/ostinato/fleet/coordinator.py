@@ -82,6 +82,10 @@ class Coordinator:
         self.slow_tick_s, self.last_slow_tick = SLOW_TICK_S, float("-inf")
         self.published_at: tuple = ()  # the round's (number, attempt, phase, finished) shown
         self.last_committed = 0
+        # the digest of the last committed round's global parameters (None: not known, after a
+        # restart without a log): a round number alone does not name a state once the fleet
+        # can go back to an older one (_rewind)
+        self.last_digest: str | None = None
         self.last_members: list[str] = []
         self.last_healed: list[str] = []  # healed by the last commit: current, not late
         self.restore_asked: set[tuple[str, str]] = set()  # (island, nonce) told to restore
@@ -179,6 +183,7 @@ class Coordinator:
         records = read_jsonl(path)  # a record torn by a kill mid-write is skipped
         if records:
             self.last_committed = records[-1]["round"]
+            self.last_digest = records[-1].get("digest")
             self.last_members = records[-1]["members"]
             self.round = RoundState(number=self.last_committed + 1)
             log.info("coordinator: continuing after round %d (from %s)", self.last_committed, path)
@@ -204,7 +209,8 @@ class Coordinator:
         have = knock.get("round_have", 0)
         if have > self.last_committed and not self.committed_here:
             self._learn_last_committed(have)
-        role = "member" if have == self.last_committed else "joiner"
+        same = self.last_digest is None or knock.get("digest") in (None, self.last_digest)
+        role = "member" if have == self.last_committed and same else "joiner"
         previous = self.islands.get(island)
         if previous is not None:  # its orders went to a process that is gone
             old = f"{island}/{previous.nonce}"
@@ -243,7 +249,7 @@ class Coordinator:
 
     def _learn_last_committed(self, have: int) -> None:
         """After a restart (or a fleet resumed from its checkpoint) the islands say where it was."""
-        self.last_committed = have
+        self.last_committed, self.last_digest = have, None
         self.round = RoundState(number=have + 1)
         for view in self.islands.values():
             view.role = "member" if view.have == have else "joiner"
@@ -288,12 +294,13 @@ class Coordinator:
         else its own) and say which round that is of; the one holding the newest carries the
         fleet on, and heals the others at the next commit. Rounds committed after that
         checkpoint are lost, and trained again (_rewind)."""
-        reports = {}
+        reports, digests = {}, {}
         for name in self._alive("joiner"):
             nonce = self.islands[name].nonce
             report = self.keys.get(f"restored/{name}/{nonce}")
             if report is not None:
                 reports[name] = int(report.get("from_round", 0))
+                digests[name] = report.get("digest")
             elif (name, nonce) not in self.restore_asked and self.last_committed > 0:
                 self.keys.put(f"restore/{name}/{nonce}", {"round": self.last_committed})
                 self.restore_asked.add((name, nonce))
@@ -303,6 +310,7 @@ class Coordinator:
         lost = self.last_committed
         if reports[chosen] < self.last_committed:
             self._rewind(reports[chosen])
+        self.last_digest = digests.get(chosen)
         view = self.islands[chosen]
         order = {"round": self.last_committed, "donor": chosen, "final": False}
         self.keys.put(f"heal/{chosen}/{view.nonce}", order)
@@ -413,6 +421,7 @@ class Coordinator:
         self.last_members = list(state.members)
         self.last_healed = list(joiners)
         self.last_committed = state.number
+        self.last_digest = results[state.members[0]]["digest"]
         self.committed_here += 1
         healed = [(h["island"], h["nonce"]) for h in record["heal"]]
         self.finished_rounds[state.number] = (state, healed)

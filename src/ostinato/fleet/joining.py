@@ -23,7 +23,7 @@ from ostinato.fleet import wire
 from ostinato.fleet.deadlines import collective_timeout_s
 from ostinato.fleet.heartbeat import Heartbeat
 from ostinato.fleet.membership import knock
-from ostinato.fleet.outer import OuterState
+from ostinato.fleet.outer import OuterState, digest
 
 log = logging.getLogger("ostinato")
 POLL_S = 0.005
@@ -89,6 +89,8 @@ class Joining:
         answer = {
             "fingerprint": self.fingerprint,
             "round_have": self.round_have,
+            # which state of that round: after a rewind a round number may name two
+            "digest": digest(self.outer.global_params),
             "reconnect": reconnect,
         }
         for _ in range(3):  # a spent challenge: the coordinator restarted between two steps
@@ -206,7 +208,8 @@ class Joining:
         the fleet's latest durable state and tell the coordinator which round it is of."""
         from_round = self.restore_state()
         self.restored_nonce = self.nonce
-        self.keys.put(f"restored/{self.island}/{self.nonce}", {"from_round": from_round})
+        report = {"from_round": from_round, "digest": digest(self.outer.global_params)}
+        self.keys.put(f"restored/{self.island}/{self.nonce}", report)
         log.warning("fleet: no donor alive; restored the fleet state of round %d", from_round)
 
     def serve_asked_heal(self) -> None:
