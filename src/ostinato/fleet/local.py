@@ -84,7 +84,7 @@ def _spawn(
     own_session: bool = False,
 ) -> subprocess.Popen:
     """Run `command`: in the warm spare if there is one, else in a new process; in a session
-    of its own if asked (an island of several ranks, to be killed whole: `_kill`)."""
+    of its own if asked (an island of several ranks, to be killed whole: `kill_session`)."""
     process = spare.take(command) if spare is not None else None
     if process is None:
         process = subprocess.Popen(
@@ -237,7 +237,7 @@ class LocalFleet:
         if island.started_at > silent_since:
             return
         console.print(f"[yellow]fleet: island {name} is alive but {how}; killing it[/]")
-        _kill(island.process)
+        kill_session(island.process)
         self.note("killed", name)
 
     def note(self, what: str, island: str, **extra) -> None:
@@ -290,7 +290,7 @@ class LocalFleet:
             self.spare.stop()
         for island in self.islands.values():
             if island.process and island.process.poll() is None:
-                _kill(island.process)
+                kill_session(island.process)
         if self.coordinator and self.coordinator.poll() is None:
             self.coordinator.terminate()
             try:
@@ -299,7 +299,7 @@ class LocalFleet:
                 self.coordinator.kill()
 
 
-def _kill(process: subprocess.Popen) -> None:
+def kill_session(process: subprocess.Popen) -> None:
     """SIGKILL an island: its session (torchrun and its ranks) when it leads one, else itself."""
     try:
         if os.getpgid(process.pid) == process.pid:

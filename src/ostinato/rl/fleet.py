@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ import torch
 from tokenizers import Tokenizer
 
 from ostinato.fleet import wire
+from ostinato.fleet.local import kill_session
 from ostinato.model.llama import Llama
 from ostinato.rl.config import RLConfig
 from ostinato.rl.island import fingerprint
@@ -60,7 +60,6 @@ class Island:
     seen: set[str] = field(default_factory=set)  # incarnations that said hello
     issued: int = 0  # work items issued to this incarnation
     outstanding: list[Slice] = field(default_factory=list)
-    restarts: int = 0
     tokens: int = 0
     seconds: float = 0.0
 
@@ -151,7 +150,7 @@ class RolloutFleet:
                 try:
                     island.process.wait(timeout=5)
                 except subprocess.TimeoutExpired:
-                    _kill(island.process)
+                    kill_session(island.process)
 
     # --- weights ----------------------------------------------------------------------------
 
@@ -289,8 +288,8 @@ class RolloutFleet:
                 piece.island = None
             island.outstanding = []
             if island.process is not None and not exited:
-                _kill(island.process)
-            island.restarts += 1
+                kill_session(island.process)
+                island.process.wait()
             self.counters.restarts += 1
             self._start(island)
 
@@ -378,11 +377,3 @@ class RolloutFleet:
         return {
             i.name: i.tokens / i.seconds if i.seconds > 0 else 0.0 for i in self.islands.values()
         }
-
-
-def _kill(process: subprocess.Popen) -> None:
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait()

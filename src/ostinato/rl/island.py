@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import signal
-import threading
 import time
 from typing import Any
 
@@ -33,7 +32,6 @@ from ostinato.rl.weights import Receiver, get_sealed, load_flat, put_sealed, rl_
 
 log = logging.getLogger("ostinato")
 POLL_S = 0.01
-BEAT_S = 0.5
 
 
 def fingerprint(model: ModelConfig, tokenizer: Tokenizer) -> dict[str, Any]:
@@ -68,14 +66,13 @@ class RolloutIsland:
         self.model_from = model_from
         self.model: Llama | None = None
         self.tokenizer: Tokenizer | None = None
-        self.version = -1
+        self.weights: Receiver | None = None  # once joined
         self.done = 0  # work items finished
-        self.stopping = threading.Event()
 
     # --- joining ----------------------------------------------------------------------------
 
     def join(self) -> None:
-        setup = self._setup()
+        setup = self._wait_json("setup", 60.0)
         if self.model_from:
             from ostinato.checkpoint.reader import load_trained
 
@@ -101,15 +98,6 @@ class RolloutIsland:
         self.weights = Receiver(self.view, self.token, setup.get("weight_push", "full"), numel)
         log.info("rollout island %s: joined", self.island)
 
-    def _setup(self) -> dict[str, Any]:
-        deadline = time.monotonic() + 60.0
-        while time.monotonic() < deadline:
-            payload = get_sealed(self.view, self.token, "setup", "setup")
-            if payload is not None:
-                return json.loads(payload)
-            time.sleep(0.05)
-        raise wire.Unreachable("rollout island: no setup from the RL trainer within 60 s")
-
     def _wait_json(self, key: str, timeout_s: float) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -123,36 +111,28 @@ class RolloutIsland:
 
     def run(self) -> None:
         self.join()
-        beats = threading.Thread(target=self._beat, daemon=True, name="ostinato-rl-beat")
-        beats.start()
-        while not self.stopping.is_set():
+        while True:
             key = f"work/{self.island}/{self.incarnation}/{self.done + 1}"
             payload = get_sealed(self.view, self.token, key, key)
             if payload is None:
                 if self.view.check(["stop"]):
-                    break
+                    return
                 time.sleep(POLL_S)
                 continue
-            work = json.loads(payload)
-            result = self.generate(work)
+            result = self.generate(json.loads(payload))
             self.done += 1
             context = f"result/{self.island}/{self.incarnation}/{self.done}"
             put_sealed(self.view, self.token, context, json.dumps(result).encode(), context)
-        self.stopping.set()
 
-    def _beat(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                self.view.set(f"beat/{self.island}", json.dumps([self.incarnation, time.time()]))
-            except (RuntimeError, torch.distributed.DistStoreError):
-                return  # the trainer is gone
-            time.sleep(BEAT_S)
+    @property
+    def version(self) -> int:
+        """The policy version this island holds (-1: none yet)."""
+        return -1 if self.weights is None else self.weights.version
 
     def _refresh(self) -> None:
         """Load the newest weights the trainer published, if newer than ours."""
         if self.weights.refresh():
             load_flat(self.model, self.weights.held)
-            self.version = self.weights.version
 
     def generate(self, work: dict[str, Any]) -> dict[str, Any]:
         while self.version < int(work["min_version"]):

@@ -24,8 +24,7 @@ from ostinato.faults.spec import parse_faults
 from ostinato.model.llama import Llama
 from ostinato.rl.config import RLConfig
 from ostinato.rl.tasks import TaskSet, task_set
-
-TOKENIZER_FILE = "tokenizer.json"
+from ostinato.train.state import TOKENIZER_FILE
 
 
 @dataclass
