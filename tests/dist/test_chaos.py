@@ -194,11 +194,11 @@ def test_random_kills_lose_no_checkpoint_and_land_between_the_fault_free_extreme
     same recipe). It was thought that missing the most rounds is a fault-free 1-island fleet,
     but measurement refuted that: after the schedule fix (fleet/island.py: schedule_step) 1 of
     3 storms on a fast 2-core box ended 4% above the worst 1-island fleet (1.908 against
-    1.835). One cause, found 2026-12-07 (a storm at 2.211 under load): when no island of the
-    last committed round was left, the fleet carried on from an older fleet checkpoint while
-    the round count went on, so the storm trained fewer rounds than its references; those
-    rounds are now trained again (coordinator._rewind). Another likely one, not measured: a
-    restarted island resumes its AdamW moments and error feedback from an older checkpoint.
+    1.835). One cause, found 2026-12-07 (storms at 2.211 and 2.315 under load): when no island
+    of the last committed round is left, the fleet carries on from an older fleet checkpoint
+    while the round count goes on, so the storm trains fewer rounds than its references.
+    Another likely one, not measured: a restarted island resumes its AdamW moments and error
+    feedback from an older checkpoint.
     The upper edge is therefore the worst 1-island fleet plus as much again as losing two of
     the three islands for the whole run costs (1-island minus 3-island loss): a storm may cost
     at most twice what running on one island throughout costs, and a storm that undoes its

@@ -83,8 +83,8 @@ class Coordinator:
         self.published_at: tuple = ()  # the round's (number, attempt, phase, finished) shown
         self.last_committed = 0
         # the digest of the last committed round's global parameters (None: not known, after a
-        # restart without a log): a round number alone does not name a state once the fleet
-        # can go back to an older one (_rewind)
+        # restart without a log): the state a restarted island says it holds must be this one
+        # (a carried-on restore relabels an older state as the last round)
         self.last_digest: str | None = None
         self.last_members: list[str] = []
         self.last_healed: list[str] = []  # healed by the last commit: current, not late
@@ -292,8 +292,8 @@ class Coordinator:
         """No member of the last committed round is alive, so no joiner can be healed. Each
         live joiner is told to restore the fleet's latest durable state (the fleet checkpoint,
         else its own) and say which round that is of; the one holding the newest carries the
-        fleet on, and heals the others at the next commit. Rounds committed after that
-        checkpoint are lost, and trained again (_rewind)."""
+        fleet on as the state of the last committed round, and heals the others at the next
+        commit. Rounds committed after that checkpoint are lost; round numbers go on."""
         reports, digests = {}, {}
         for name in self._alive("joiner"):
             nonce = self.islands[name].nonce
@@ -307,9 +307,6 @@ class Coordinator:
         if not reports:
             return
         chosen = max(reports, key=lambda n: (reports[n], n))
-        lost = self.last_committed
-        if reports[chosen] < self.last_committed:
-            self._rewind(reports[chosen])
         self.last_digest = digests.get(chosen)
         view = self.islands[chosen]
         order = {"round": self.last_committed, "donor": chosen, "final": False}
@@ -318,30 +315,11 @@ class Coordinator:
         self.last_members, self.last_healed = [chosen], []
         log.warning(
             "coordinator: no member of round %d is alive; island %s carries the fleet on from "
-            "the state of round %d it restored; the rounds after it are trained again",
-            lost,
+            "the state of round %d it restored",
+            self.last_committed,
             chosen,
             reports[chosen],
         )
-
-    def _rewind(self, restored: int) -> None:
-        """Go back to round `restored`, whose state the fleet carries on from: the rounds
-        committed after it are lost with their last holders, so they are trained again (a
-        step budget then trains every round it names: fault runs stay comparable with
-        fault-free ones on equal tokens). Their keys go first, so no island reads an old
-        decision, ready mark or rendezvous as one of the new round of the same number."""
-        for number in range(restored + 1, self.last_committed + 1):
-            self._forget_round(number)  # the last KEPT_ROUNDS; older ones are already gone
-            self.keys.delete(f"hurry/{number}")
-        state = self.round  # the round being collected
-        keys = [f"round/{state.number}", f"hurry/{state.number}"]
-        keys += [f"ready/{state.number}/{name}" for name in self.islands]
-        for attempt, members in state.tried:
-            keys += [f"result/{state.number}/{attempt}/{m}" for m in members]
-            keys += wire.group_keys(f"pg/{state.number}/{attempt}", len(members))
-        self.keys.delete(*keys)
-        self.last_committed = restored
-        self.round = RoundState(number=restored + 1)
 
     def _ready(self, number: int, name: str) -> bool:
         """Whether the island's current process is ready for round `number`: a key left by a
