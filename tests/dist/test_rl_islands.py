@@ -3,10 +3,13 @@ it. Here with the other multi-process tests (one at a time, tests/conftest.py), 
 do not share the 2 cores with a fleet under a storm."""
 
 import json
+import signal
+import subprocess
+import sys
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import cli_env, run_cli
 from tests.integration.test_rl import read_jsonl, recipe, run_recipe
 
 pytestmark = pytest.mark.timeout(300)
@@ -61,3 +64,51 @@ def test_stale_rollouts_stay_within_max_staleness(sft_run, tmp_path):
     # int4 deltas after the first whole copy: 1/8 of fp32, plus a 4-byte scale per 128 values
     pushed = [r["weight_push_bytes"] for r in records if "weight_push_bytes" in r]
     assert pushed[0] > 7 * max(pushed[1:])
+
+
+def test_a_hand_started_island_that_dies_is_seen_by_its_heartbeat(sft_run, tmp_path):
+    """`rl.spawn = false`: the trainer did not start the island and has no process to watch.
+    The island, started by hand as on another host, is killed (SIGKILL) mid-generation; its
+    heartbeat stops and the trainer loses it within rl.heartbeat_timeout_s, long before the
+    rollout timeout (600 s, longer than this test may run), then generates the lost answers
+    itself, since nobody restarts the island here."""
+    config = recipe(tmp_path, sft_run, steps=4, eval_every=4, rollout_islands=1, spawn=False)
+    out = tmp_path / "out"
+    env = dict(cli_env(), OSTINATO_FLEET_TOKEN="hand-started")
+    command = [sys.executable, "-m", "ostinato", "chaos", "--config", str(config)]
+    command += ["--out", str(out), "--rl.rollout_timeout_s=600", "--rl.heartbeat_timeout_s=2"]
+    trainer = subprocess.Popen(
+        [*command, "--faults", "crash@island=r0,step=2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    island = None
+    try:
+        for line in trainer.stderr:
+            if "waiting for rollout islands at" in line:
+                address = line.rsplit(" at ", 1)[1].split()[0]
+                break
+        else:
+            raise AssertionError("the trainer never said where it waits for islands")
+        island = subprocess.Popen(
+            [sys.executable, "-m", "ostinato", "rl", "rollout", "--coordinator", address,
+             "--island", "r0"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+        )  # fmt: skip
+        stdout, stderr = trainer.communicate(timeout=240)
+    finally:
+        for proc in (trainer, island):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+    assert trainer.returncode == 0, stderr[-3000:]
+    assert island.wait(10) == -signal.SIGKILL  # the scripted fault: it killed itself
+    report = json.loads((out / "chaos.json").read_text())
+    [fault] = report["faults"]
+    assert (fault["kind"], fault["guard"]) == ("crash", "heartbeat")
+    # Far before the rollout timeout. Not much before the heartbeat timeout: the clock runs
+    # from the last beat the trainer read, which is at most one beat (0.4 s) and one read
+    # interval (0.25 s) older than the fault (times rounded to the millisecond).
+    waited = fault["detected_at"] - fault["injected_at"]
+    assert 2.0 - 0.4 - 0.25 - 0.002 <= waited < 60
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert records[-1]["lost_rollouts"] >= 1 and records[-1]["local_rollouts"] >= 1

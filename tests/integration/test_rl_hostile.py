@@ -69,7 +69,9 @@ def fleet(tmp_path, monkeypatch):
     tokenizer = train_tokenizer(["What is 1 + 2? #### 3"] * 20, cfg.model.vocab_size)
     model = Llama(cfg.model)
     model.init_weights(0)
+    # The hand-played island sends no heartbeats: a minute before that counts against it.
     rl = RLConfig(rollout_islands=1, spawn=False, max_new_tokens=8, rollout_timeout_s=30)
+    rl.heartbeat_timeout_s = 60
     fleet = RolloutFleet(rl, model, tokenizer, tmp_path)
     yield fleet
     fleet.close()

@@ -186,6 +186,16 @@ def test_api_key_and_too_many_requests(export_dir) -> None:
         statuses = asyncio.run(burst())
         assert 200 in statuses and 429 in statuses and set(statuses) == {200, 429}
         assert client(url, "key").completions.create(model="tiny", prompt="Question:", max_tokens=2)
+        # Refusals are counted by path and status, a 401 before any route ran included.
+        metrics = httpx.get(f"{url}/metrics", headers={"authorization": "Bearer key"}).text
+        counted = {
+            line.split("{", 1)[1].split("}", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith("ostinato_http_requests_total{")
+        }
+        assert counted['path="/v1/models",status="401"'] >= 2
+        assert counted['path="/v1/completions",status="429"'] == statuses.count(429)
+        assert counted['path="/v1/completions",status="200"'] == statuses.count(200) + 1
     finally:
         proc.terminate()
         proc.wait(10)

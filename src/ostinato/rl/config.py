@@ -38,6 +38,12 @@ class RLConfig:
     rollout_timeout_s: float = option(
         120.0, "a rollout island that sends no result for this long is restarted", gt=0.0
     )
+    heartbeat_timeout_s: float = option(
+        10.0,
+        "a rollout island whose heartbeat is this old while it holds work is lost (a process "
+        "ended on another host, a cut link): seconds, where a slow slice may take minutes",
+        gt=0.0,
+    )
     weight_push: str = option(
         "full",
         "weights to rollout islands: whole fp32, or deltas quantized per block (error feedback)",
@@ -59,4 +65,5 @@ class RLConfig:
     checkpoint_every: int = option(10, "updates between checkpoints", ge=1)
     seed: int = option(0, "seed of the prompt order and of the sampling")
     grad_clip: float = option(1.0, "clip the global gradient norm to this (0: off)", ge=0.0)
-    threads: int = option(0, "CPU threads (0: torch's default)", ge=0)
+    threads: int = option(0, "CPU threads of the trainer (0: torch's default)", ge=0)
+    island_threads: int = option(0, "CPU threads of each rollout island (0: as rl.threads)", ge=0)

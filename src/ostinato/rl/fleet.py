@@ -38,6 +38,8 @@ from ostinato.rl.weights import Publisher, flat_parameters, get_sealed, put_seal
 
 log = logging.getLogger("ostinato")
 POLL_S = 0.005
+BEATS_READ_S = 0.25  # how often the trainer reads the islands' heartbeats
+BEATS_PER_TIMEOUT = 5  # an island beats this many times per rl.heartbeat_timeout_s
 
 
 @dataclass
@@ -60,6 +62,8 @@ class Island:
     seen: set[str] = field(default_factory=set)  # incarnations that said hello
     issued: int = 0  # work items issued to this incarnation
     outstanding: list[Slice] = field(default_factory=list)
+    beat: bytes = b""  # the last heartbeat read, and when (monotonic) it was new
+    beat_at: float = 0.0
     tokens: int = 0
     seconds: float = 0.0
 
@@ -89,7 +93,8 @@ class RolloutFleet:
         self.view = torch.distributed.PrefixStore(rl_prefix(self.token), self.store)
         self.print = fingerprint(model.cfg, tokenizer)
         setup = {"model": self.print["model"], "tokenizer": tokenizer.to_str()}
-        setup |= {"threads": rl.threads, "weight_push": rl.weight_push}
+        setup |= {"threads": rl.island_threads or rl.threads, "weight_push": rl.weight_push}
+        setup |= {"heartbeat_s": rl.heartbeat_timeout_s / BEATS_PER_TIMEOUT}
         self.publisher = Publisher(self.view, self.token, rl.weight_push)
         put_sealed(self.view, self.token, "setup", json.dumps(setup).encode(), "setup")
         self.islands = {f"r{i}": Island(f"r{i}") for i in range(rl.rollout_islands)}
@@ -98,6 +103,7 @@ class RolloutFleet:
         # stale rollouts, or weights pushed as quantized deltas
         self.measures_behaviour = rl.max_staleness > 0 or rl.weight_push != "full"
         self.version = -1
+        self.beats_read_at = 0.0
         self.counters = FleetCounters()
         # (island, update) -> "crash" | "hang": scripted faults, each struck once; and those
         # sent, with the guard that saw each
@@ -246,6 +252,7 @@ class RolloutFleet:
             put_sealed(self.view, self.token, key, json.dumps(verdict).encode(), key)
             if verdict["ok"]:
                 island.incarnation, island.issued = incarnation, 0
+                island.beat_at = time.monotonic()  # its first beat may take a while
                 self._rejoined(island.name)
                 log.info("rl: rollout island %s joined", island.name)
             else:
@@ -267,23 +274,35 @@ class RolloutFleet:
         return {"ok": True}
 
     def _supervise(self) -> None:
-        """An island whose process ended, or whose oldest work is overdue, is lost and restarted."""
+        """An island is lost and restarted when its process ended, when its heartbeat stopped
+        while it held work (a process started by hand elsewhere, a cut link), or when its
+        oldest work is overdue (a hang or a stall: alive, but no answer)."""
         now = time.monotonic()
+        self._read_beats(now)
         for island in self.islands.values():
             exited = island.process is not None and island.process.poll() is not None
-            if not self.rl.spawn:  # not ours to watch: a dead one only stops sending
+            if not self.rl.spawn:  # not ours to watch: a dead one only stops beating
                 exited = False
+            silent = bool(island.outstanding) and (
+                now - island.beat_at > self.rl.heartbeat_timeout_s
+            )
             overdue = any(now - p.issued_at > self.rl.rollout_timeout_s for p in island.outstanding)
-            if not (exited or overdue):
+            if not (exited or silent or overdue):
                 continue
-            why = "exited" if exited else f"sent nothing for {self.rl.rollout_timeout_s:.0f} s"
+            guard, why = (
+                ("exit", "exited")
+                if exited
+                else ("heartbeat", f"stopped beating for {self.rl.heartbeat_timeout_s:.0f} s")
+                if silent
+                else ("rollout timeout", f"sent nothing for {self.rl.rollout_timeout_s:.0f} s")
+            )
             in_flight = sum(p.hi - p.lo for p in island.outstanding)
             log.warning(
                 "rl: rollout island %s %s; %d answers in flight are generated again",
                 island.name, why, in_flight,
             )  # fmt: skip
             self.counters.lost += in_flight
-            self._detected(island.name, "exit" if exited else "rollout timeout", in_flight)
+            self._detected(island.name, guard, in_flight)
             for piece in island.outstanding:
                 piece.island = None
             island.outstanding = []
@@ -292,6 +311,20 @@ class RolloutFleet:
                 island.process.wait()
             self.counters.restarts += 1
             self._start(island)
+
+    def _read_beats(self, now: float) -> None:
+        """Note when each admitted island's heartbeat last changed. Beats are not sealed: a
+        forged one can only delay the detection of a dead island to rl.rollout_timeout_s."""
+        if now - self.beats_read_at < BEATS_READ_S:
+            return
+        self.beats_read_at = now
+        for island in self.islands.values():
+            key = f"beat/{island.name}/{island.incarnation}"
+            if island.incarnation is None or not self.view.check([key]):
+                continue
+            beat = self.view.get(key)
+            if beat != island.beat:
+                island.beat, island.beat_at = beat, now
 
     def _receive(self) -> None:
         for island in self.islands.values():

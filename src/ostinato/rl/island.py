@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import signal
+import threading
 import time
 from typing import Any
 
@@ -63,6 +64,7 @@ class RolloutIsland:
                 "where it waits for rollout islands: `rl: waiting for rollout islands at ...`)"
             ) from None
         self.view = torch.distributed.PrefixStore(rl_prefix(token), store)
+        self.coordinator = coordinator
         self.model_from = model_from
         self.model: Llama | None = None
         self.tokenizer: Tokenizer | None = None
@@ -96,7 +98,29 @@ class RolloutIsland:
         self.model, self.tokenizer = Llama(model_cfg).eval(), tokenizer
         numel = sum(p.numel() for p in self.model.parameters())
         self.weights = Receiver(self.view, self.token, setup.get("weight_push", "full"), numel)
+        self._start_heartbeat(float(setup.get("heartbeat_s", 2.0)))
         log.info("rollout island %s: joined", self.island)
+
+    def _start_heartbeat(self, every_s: float) -> None:
+        """Beat on a connection of its own (the loop's may be busy with a large weight push)
+        from a thread, so a long generation never looks like a death; a stopped or killed
+        process stops beating, which is what the trainer watches for."""
+        store = torch.distributed.PrefixStore(
+            rl_prefix(self.token), wire.connect(self.coordinator, 30.0)
+        )
+        key = f"beat/{self.island}/{self.incarnation}"
+
+        def beat() -> None:
+            count = 0
+            while True:
+                count += 1
+                try:
+                    store.set(key, str(count))
+                except Exception:  # the trainer is gone: the work loop finds out and stops
+                    return
+                time.sleep(every_s)
+
+        threading.Thread(target=beat, name="heartbeat", daemon=True).start()
 
     def _wait_json(self, key: str, timeout_s: float) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s

@@ -13,6 +13,7 @@ import contextlib
 import hmac
 import json
 import logging
+import threading
 import time
 import uuid
 from collections import Counter
@@ -59,12 +60,14 @@ class Served:
     max_concurrent: int = 64
     max_body_bytes: int = ServeConfig.max_body_bytes
     http: Counter = field(default_factory=Counter)  # (path, status) -> requests
+    mailbox: Mailbox | None = None  # set when the app starts, on its event loop
     created: int = field(default_factory=lambda: int(time.time()))
 
 
 def create_app(served: Served) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        served.mailbox = Mailbox(asyncio.get_running_loop())
         served.engine.start()
         yield
         served.engine.stop()
@@ -118,22 +121,42 @@ def _field_path(loc: tuple) -> str | None:
 def _add_middleware(app: FastAPI, served: Served) -> None:
     # Added first, so it runs inside the one below: its 413s are counted in the metrics.
     app.add_middleware(BodyLimit, limit=served.max_body_bytes)
+    app.add_middleware(AuthAndCount, served=served)
 
-    @app.middleware("http")
-    async def auth_and_count(request: Request, call_next):
-        if served.api_key is not None and not _authorized(request, served.api_key):
-            response = error_response(401, "missing or wrong API key", code="invalid_api_key")
-        else:
-            response = await call_next(request)
+
+class AuthAndCount:
+    """ASGI middleware: refuses a missing or wrong API key, and counts responses by path and
+    status. Plain ASGI, not FastAPI's `@app.middleware("http")`: that one runs every streamed
+    chunk through a memory stream and a task group of its own, which cost as much per token
+    as the model's forward pass at the demo size."""
+
+    def __init__(self, app, served: Served):
+        self.app, self.served = app, served
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
         # Unknown paths share one label, so scanners cannot grow the metrics without bound.
-        path = request.url.path if request.url.path in ROUTES else "other"
-        served.http[(path, response.status_code)] += 1
-        return response
+        path = scope["path"] if scope["path"] in ROUTES else "other"
+        key = self.served.api_key
+        if key is not None and not _authorized(scope, key):
+            self.served.http[(path, 401)] += 1
+            refusal = error_response(401, "missing or wrong API key", code="invalid_api_key")
+            await refusal(scope, receive, send)
+            return
+
+        async def counted(message) -> None:
+            if message["type"] == "http.response.start":
+                self.served.http[(path, message["status"])] += 1
+            await send(message)
+
+        await self.app(scope, receive, counted)
 
 
-def _authorized(request: Request, key: str) -> bool:
-    given = request.headers.get("authorization", "")
-    return hmac.compare_digest(given.encode(), f"Bearer {key}".encode())
+def _authorized(scope, key: str) -> bool:
+    given = next((v for k, v in scope["headers"] if k.lower() == b"authorization"), b"")
+    return hmac.compare_digest(given, f"Bearer {key}".encode())
 
 
 def _add_routes(app: FastAPI, served: Served) -> None:
@@ -239,27 +262,69 @@ async def _respond(
 async def _generate(
     served: Served, prompt: list[int], sampling: Sampling, text: TextStream
 ) -> AsyncIterator[tuple[str, str | None]]:
-    """(text piece, finish reason or None) as the engine produces tokens."""
-    loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+    """(text piece, finish reason or None) as the engine produces tokens.
 
-    def emit(token: int | None, reason: str | None) -> None:  # runs on the engine thread
-        loop.call_soon_threadsafe(queue.put_nowait, (token, reason))
-
-    seq = served.engine.submit(prompt, sampling, emit)
+    Tokens that arrived while the client's last chunk was being sent go out as one chunk: a
+    busy server sends fewer, larger chunks instead of falling behind the engine.
+    """
+    queue: asyncio.Queue = asyncio.Queue()
+    seq = served.engine.submit(prompt, sampling, served.mailbox(queue))
     try:
         while True:
-            token, reason = await queue.get()
-            piece = text.push(token) if token is not None else ""
-            if text.stopped:
-                yield piece, "stop"
-                return
+            arrived = [await queue.get()]
+            while not queue.empty():
+                arrived.append(queue.get_nowait())
+            piece, reason = _text_of(arrived, text)
             if reason is not None:
-                yield piece + text.flush(), reason
+                yield piece, reason
                 return
             if piece:
                 yield piece, None
     finally:  # finished, stopped by a stop string, or the client went away
         served.engine.cancel(seq)
+
+
+def _text_of(
+    arrived: list[tuple[int | None, str | None]], text: TextStream
+) -> tuple[str, str | None]:
+    """The text of tokens in arrival order, and the finish reason if one of them ended it."""
+    tokens = [token for token, _ in arrived if token is not None]
+    reason = next((reason for _, reason in arrived if reason is not None), None)
+    piece = text.push_many(tokens)
+    if text.stopped:
+        return piece, "stop"
+    if reason is not None:
+        return piece + text.flush(), reason
+    return piece, None
+
+
+class Mailbox:
+    """Carries tokens from the engine thread to the event loop's queues, one wake-up of the loop
+    per batch of tokens instead of one per token: each wake-up is a write to the loop's
+    self-pipe and a hand-over of the GIL, and an engine step emits a token for every sequence.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.lock = loop, threading.Lock()
+        self.pending: list[tuple[asyncio.Queue, tuple[int | None, str | None]]] = []
+
+    def __call__(self, queue: asyncio.Queue):
+        """The engine's `emit` for the sequence whose tokens go to `queue`."""
+
+        def emit(token: int | None, reason: str | None) -> None:  # runs on the engine thread
+            with self.lock:
+                self.pending.append((queue, (token, reason)))
+                first = len(self.pending) == 1
+            if first:  # a later token finds the wake-up already asked for
+                self.loop.call_soon_threadsafe(self._deliver)
+
+        return emit
+
+    def _deliver(self) -> None:
+        with self.lock:
+            batch, self.pending = self.pending, []
+        for queue, item in batch:
+            queue.put_nowait(item)
 
 
 @dataclass

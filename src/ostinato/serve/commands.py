@@ -108,6 +108,10 @@ def serve(
         int, typer.Option(help="Sequences decoded together (KV-cache slots).")
     ] = 16,
     max_concurrent: Annotated[int, typer.Option(help="Requests in flight before 429.")] = 64,
+    threads: Annotated[
+        int,
+        typer.Option(help="CPU threads for the model (0: all cores but one, left to HTTP)."),
+    ] = 0,
     max_body_bytes: Annotated[
         int, typer.Option(help="Largest request body, in bytes; a larger one gets 413.")
     ] = ServeConfig.max_body_bytes,
@@ -121,7 +125,7 @@ def serve(
     /v1/models, /v1/completions, /v1/chat/completions (stream: true for server-sent events),
     /health and /metrics (Prometheus). The first line printed is `serving on http://HOST:PORT`.
     """
-    from ostinato.serve.launch import bind, exec_vllm, load_engine, run_http
+    from ostinato.serve.launch import bind, exec_vllm, load_engine, run_http, use_cpu_threads
 
     name = name or directory.resolve().name
     if engine not in ("ostinato", "vllm"):
@@ -130,11 +134,14 @@ def serve(
         raise ValueError(f"--dtype {dtype}: choose auto, fp32, bf16 or fp16")
     if max_batch < 1 or max_concurrent < 1 or max_body_bytes < 1:
         raise ValueError("--max-batch, --max-concurrent and --max-body-bytes must be at least 1")
+    if threads < 0:
+        raise ValueError(f"--threads {threads}: a number of threads, or 0 for all cores but one")
     if engine == "vllm":
         exec_vllm(directory, host, port, api_key, name, max_batch, dtype)
     from ostinato.serve.api import Served, create_app
 
     model_engine, tokenizer, eos_token, template = load_engine(directory, device, dtype, max_batch)
+    use_cpu_threads(model_engine, threads)
     served = Served(
         model_engine, tokenizer, name, eos_token, template, api_key, max_concurrent, max_body_bytes
     )

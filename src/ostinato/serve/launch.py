@@ -54,6 +54,19 @@ def load_engine(
     return Engine(model, eos_id, max_batch), tokenizer, eos_token, template
 
 
+def use_cpu_threads(engine: Engine, threads: int) -> None:
+    """Threads for a model served on CPUs; 0: every core this process may use but one.
+
+    The HTTP event loop (parsing, detokenizing, sending chunks) runs beside the model on the
+    same cores. With as many model threads as cores, the threads that wait between the model's
+    operations take the core the event loop needs: on 2 cores, 1 thread served 1.5-2x more
+    tokens/s than 2 (BENCHMARKS.md, serving throughput).
+    """
+    if engine.device.type != "cpu":
+        return
+    torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0)) - 1))
+
+
 def _tokenizer_settings(directory: Path) -> tuple[str, str]:
     """EOS token and chat template from tokenizer_config.json (ours, or any HF model's)."""
     path = directory / "tokenizer_config.json"
@@ -71,7 +84,11 @@ def _tokenizer_settings(directory: Path) -> tuple[str, str]:
 def bind(host: str, port: int) -> tuple[socket.socket, str]:
     """A listening socket (port 0: the OS picks a free one) and the URL it serves on."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named, not 0: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on
+    # connections whose socket says it is TCP, and accepted sockets copy the listener's proto.
+    # With proto 0 every streamed chunk after the headers waited for the client's delayed ACK
+    # (~40 ms of time to first token).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.listen(2048)

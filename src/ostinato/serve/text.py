@@ -57,7 +57,19 @@ class TextStream:
 
     def push(self, token_id: int) -> str:
         """New text after this token ('' while held back); sets `stopped` on a stop string."""
-        self.ids.append(token_id)
+        return self.push_many([token_id])
+
+    def push_many(self, token_ids: list[int]) -> str:
+        """New text after these tokens, decoded once. With stop strings they go one by one:
+        the token that completes a stop string is the completion's last (its usage count)."""
+        if self.stop and len(token_ids) > 1:
+            pieces = []
+            for token_id in token_ids:
+                pieces.append(self.push_many([token_id]))
+                if self.stopped:
+                    break
+            return "".join(pieces)
+        self.ids.extend(token_ids)
         text = self._text()
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next bytes
             return ""

@@ -1,0 +1,87 @@
+"""The HTTP side of serving, without a server: sockets, the engine-to-loop mailbox, text."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+
+from ostinato.data.tokenizer import train_tokenizer
+from ostinato.serve.api import Mailbox, _text_of
+from ostinato.serve.launch import bind
+from ostinato.serve.text import TextStream
+
+
+def test_connections_to_the_bound_socket_send_without_nagle() -> None:
+    """asyncio disables Nagle's algorithm only on sockets that say they are TCP; with proto 0
+    every streamed chunk after the headers waited ~40 ms for the client's delayed ACK."""
+    listener, url = bind("127.0.0.1", 0)
+    nodelay: list[int] = []
+
+    async def main() -> None:
+        def accepted(reader, writer) -> None:
+            sock = writer.get_extra_info("socket")
+            nodelay.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(accepted, sock=listener)
+        port = int(url.rsplit(":", 1)[1])
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        for _ in range(100):
+            if nodelay:
+                break
+            await asyncio.sleep(0.01)
+        writer.close()
+        server.close()
+
+    asyncio.run(main())
+    assert nodelay and nodelay[0] != 0
+
+
+def test_the_mailbox_wakes_the_loop_once_per_batch_and_keeps_each_queue_in_order() -> None:
+    loop = asyncio.new_event_loop()
+    wakeups = []
+    schedule = loop.call_soon_threadsafe
+    loop.call_soon_threadsafe = lambda *args: (wakeups.append(1), schedule(*args))
+    mailbox = Mailbox(loop)
+    queues = [asyncio.Queue() for _ in range(3)]
+    emits = [mailbox(q) for q in queues]
+
+    def engine_step() -> None:  # one engine step: a token for every sequence, on its thread
+        for token in range(20):
+            for emit in emits:
+                emit(token, "length" if token == 19 else None)
+
+    thread = threading.Thread(target=engine_step)
+    thread.start()
+    thread.join()
+    assert len(wakeups) == 1  # nothing was delivered in between: one wake-up carries all 60
+
+    loop.run_until_complete(asyncio.sleep(0))
+    for queue in queues:
+        got = [queue.get_nowait() for _ in range(queue.qsize())]
+        assert got == [(t, "length" if t == 19 else None) for t in range(20)]
+    emits[0](7, None)  # after a delivery, the next token asks for a wake-up again
+    assert len(wakeups) == 2
+    loop.run_until_complete(asyncio.sleep(0))
+    assert queues[0].get_nowait() == (7, None)
+    loop.close()
+
+
+def test_tokens_that_arrive_together_give_the_text_and_usage_of_one_by_one() -> None:
+    tokenizer = train_tokenizer(["hello world. #### 42 é and more after"], 300)
+    ids = tokenizer.encode("hello world. #### 42 é and more", add_special_tokens=False).ids
+    one_by_one = TextStream(tokenizer, stop=["####"])
+    text = ""
+    for token in ids:
+        text += one_by_one.push(token)
+        if one_by_one.stopped:
+            break
+    together = TextStream(tokenizer, stop=["####"])
+    piece, reason = _text_of([(t, None) for t in ids], together)
+    assert (piece, reason) == (text, "stop") and together.ids == one_by_one.ids
+    # Without stop strings: one decode for the lot, the finish reason after the last token.
+    plain = TextStream(tokenizer)
+    piece, reason = _text_of([(t, None) for t in ids[:-1]] + [(ids[-1], "length")], plain)
+    assert reason == "length" and piece == tokenizer.decode(ids) and plain.ids == ids
+    assert _text_of([(None, "stop")], TextStream(tokenizer)) == ("", "stop")
