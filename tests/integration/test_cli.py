@@ -217,3 +217,8 @@ def test_calibrate_a_directory_without_a_run_is_one_line(tmp_path):
     (tmp_path / "a" / "events.jsonl").write_text('{"type": "sp')  # torn, and nothing else
     done = run_cli("plan", "--calibrate", str(tmp_path))
     last_line_error(done, 2, "not an ostinato run")
+
+
+def test_serve_a_negative_thread_count_is_one_line(export_dir):
+    done = run_cli("serve", str(export_dir), "--port", "0", "--threads", "-1", timeout=60)
+    last_line_error(done, 2, "--threads -1")
