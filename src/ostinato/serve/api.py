@@ -127,8 +127,8 @@ def _add_middleware(app: FastAPI, served: Served) -> None:
 class AuthAndCount:
     """ASGI middleware: refuses a missing or wrong API key, and counts responses by path and
     status. Plain ASGI, not FastAPI's `@app.middleware("http")`: that one runs every streamed
-    chunk through a memory stream and a task group of its own, which cost as much per token
-    as the model's forward pass at the demo size."""
+    chunk through a memory stream and a task group of its own, per-token work on the event
+    loop that every stream shares."""
 
     def __init__(self, app, served: Served):
         self.app, self.served = app, served
