@@ -124,10 +124,11 @@ def measure_server(
         if url is None:
             url = proc.stdout.readline().strip().removeprefix("serving on ")
         wait_healthy(proc, url)
-        # A warm-up at every level: vLLM compiles a graph per batch size in worker processes
-        # the first time it meets one, and /health answers before they are done.
+        # A discarded pass of the whole measurement first: right after /health answers, vLLM
+        # gave a quarter of its later rate at 16 requests with 1.4 s to the first token (still
+        # compiling, it seems), and 8-token warm-ups were not enough to settle it.
         for c in levels:
-            asyncio.run(serve_level(url, texts, c, 8))
+            asyncio.run(serve_level(url, texts, c, max_tokens))
         time.sleep(WARM_UP_PAUSE_S)
         return {c: asyncio.run(serve_level(url, texts, c, max_tokens)) for c in levels}
     finally:
