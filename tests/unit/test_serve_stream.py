@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import threading
+from types import SimpleNamespace
+
+import torch
 
 from ostinato.data.tokenizer import train_tokenizer
 from ostinato.serve.api import Mailbox, _text_of
-from ostinato.serve.launch import bind
+from ostinato.serve.launch import bind, use_cpu_threads
 from ostinato.serve.text import TextStream
 
 
@@ -85,3 +89,20 @@ def test_tokens_that_arrive_together_give_the_text_and_usage_of_one_by_one() -> 
     piece, reason = _text_of([(t, None) for t in ids[:-1]] + [(ids[-1], "length")], plain)
     assert reason == "length" and piece == tokenizer.decode(ids) and plain.ids == ids
     assert _text_of([(None, "stop")], TextStream(tokenizer)) == ("", "stop")
+
+
+def test_a_cpu_server_leaves_one_core_to_its_http_loop(monkeypatch) -> None:
+    chosen: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", chosen.append)
+    cpu, gpu = (
+        SimpleNamespace(device=torch.device("cpu")),
+        SimpleNamespace(device=torch.device("cuda")),
+    )
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    use_cpu_threads(cpu, 0)  # 4 cores this process may use: 3 for the model
+    use_cpu_threads(cpu, 5)  # --threads 5 is taken as given
+    use_cpu_threads(gpu, 0)  # an accelerator's host threads are left alone
+    monkeypatch.delattr(os, "sched_getaffinity")  # macOS has no affinity call
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    use_cpu_threads(cpu, 0)  # one core: the model still gets a thread
+    assert chosen == [3, 5, 1]

@@ -64,7 +64,13 @@ def use_cpu_threads(engine: Engine, threads: int) -> None:
     """
     if engine.device.type != "cpu":
         return
-    torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0)) - 1))
+    # The cores this process may run on (a container's or taskset's share); macOS has no
+    # affinity call, and there every core is this process's to use.
+    if hasattr(os, "sched_getaffinity"):
+        cores = len(os.sched_getaffinity(0))
+    else:
+        cores = os.cpu_count() or 1
+    torch.set_num_threads(threads or max(1, cores - 1))
 
 
 def _tokenizer_settings(directory: Path) -> tuple[str, str]:
