@@ -19,7 +19,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -95,16 +94,16 @@ def ostinato_server(export: Path, max_batch: int) -> tuple[list[str], dict, str 
 
 
 def vllm_server(python: Path, export: Path, max_batch: int) -> tuple[list[str], dict, str | None]:
-    """vLLM's OpenAI server as `ostinato serve --engine vllm` starts it (launch.exec_vllm)."""
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
+    """vLLM's OpenAI server as `ostinato serve --engine vllm` starts it, from vLLM's venv."""
+    from ostinato.serve.launch import bind, vllm_command
+
+    probe, url = bind("127.0.0.1", 0)
     port = probe.getsockname()[1]
     probe.close()
-    command = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(export)]
-    command += ["--host", "127.0.0.1", "--port", str(port), "--served-model-name", "export"]
-    command += ["--max-num-seqs", str(max_batch), "--dtype", "float32"]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    return command, env, f"http://127.0.0.1:{port}"
+    command, env = vllm_command(
+        str(python), export, "127.0.0.1", port, None, "export", max_batch, "fp32"
+    )
+    return command, env, url
 
 
 def measure_server(

@@ -175,10 +175,9 @@ def rounds(out: Path) -> list[dict]:
 
 
 def assert_every_round(log: list[dict], total: int, coordinator_output: str) -> None:
-    """Every round 1..total committed, the last one last. A round repeats only after the
-    fleet went back to an older state it restored (no member of the last round left alive,
-    which a loaded machine can also bring about by delaying heartbeats): the coordinator says
-    the rounds after it are trained again."""
+    """Every round 1..total committed, the last one last. Since the rewind was withdrawn a
+    restore carries the fleet on under the next round numbers, so no round repeats; a repeat
+    passes only if the coordinator says the rounds after a restore are trained again."""
     numbers = [r["round"] for r in log]
     assert sorted(set(numbers)) == list(range(1, total + 1)) and numbers[-1] == total, numbers
     if len(numbers) != len(set(numbers)):

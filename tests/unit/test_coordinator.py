@@ -506,9 +506,10 @@ def test_a_fresh_island_is_healed_by_a_member_never_becomes_the_donor(make_coord
 
 
 def test_the_round_a_restarted_island_holds_must_be_the_fleets_state_of_it(make_coordinator):
-    """After a rewind a round number can name two states: an island that comes back saying it
-    holds the last committed round is a member only if its global parameters' digest is the
-    one the fleet committed; otherwise it is a joiner, healed before its work counts."""
+    """After a carried-on restore a round number can name two states: an island that comes
+    back saying it holds the last committed round is a member only if its global parameters'
+    digest is the one the fleet committed; otherwise it is a joiner, healed before its work
+    counts."""
     coordinator = make_coordinator()
     a, b = Island(coordinator, "a"), Island(coordinator, "b")
     a.knock(coordinator)

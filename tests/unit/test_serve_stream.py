@@ -11,8 +11,8 @@ from types import SimpleNamespace
 import torch
 
 from ostinato.data.tokenizer import train_tokenizer
-from ostinato.serve.api import Mailbox, _text_of
 from ostinato.serve.launch import bind, use_cpu_threads
+from ostinato.serve.stream import Mailbox, text_of
 from ostinato.serve.text import TextStream
 
 
@@ -82,13 +82,13 @@ def test_tokens_that_arrive_together_give_the_text_and_usage_of_one_by_one() -> 
         if one_by_one.stopped:
             break
     together = TextStream(tokenizer, stop=["####"])
-    piece, reason = _text_of([(t, None) for t in ids], together)
+    piece, reason = text_of([(t, None) for t in ids], together)
     assert (piece, reason) == (text, "stop") and together.ids == one_by_one.ids
     # Without stop strings: one decode for the lot, the finish reason after the last token.
     plain = TextStream(tokenizer)
-    piece, reason = _text_of([(t, None) for t in ids[:-1]] + [(ids[-1], "length")], plain)
+    piece, reason = text_of([(t, None) for t in ids[:-1]] + [(ids[-1], "length")], plain)
     assert reason == "length" and piece == tokenizer.decode(ids) and plain.ids == ids
-    assert _text_of([(None, "stop")], TextStream(tokenizer)) == ("", "stop")
+    assert text_of([(None, "stop")], TextStream(tokenizer)) == ("", "stop")
 
 
 def test_a_cpu_server_leaves_one_core_to_its_http_loop(monkeypatch) -> None:

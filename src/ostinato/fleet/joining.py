@@ -89,7 +89,8 @@ class Joining:
         answer = {
             "fingerprint": self.fingerprint,
             "round_have": self.round_have,
-            # which state of that round: after a rewind a round number may name two
+            # which state of that round: a carried-on restore relabels an older state as the
+            # last round, so a round number may name two
             "digest": digest(self.outer.global_params),
             "reconnect": reconnect,
         }

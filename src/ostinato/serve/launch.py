@@ -130,7 +130,25 @@ def exec_vllm(
         probe, _ = bind(host, 0)
         port = probe.getsockname()[1]
         probe.close()
-    args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(directory)]
+    args, env = vllm_command(sys.executable, directory, host, port, api_key, name, max_batch, dtype)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"serving on http://{shown}:{port}", flush=True)
+    os.execve(sys.executable, args, env)
+
+
+def vllm_command(
+    python: str,
+    directory: Path,
+    host: str,
+    port: int,
+    api_key: str | None,
+    name: str,
+    max_batch: int,
+    dtype: str,
+) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of vLLM's OpenAI server for these flags, run by
+    `python` (this interpreter, or another venv's: bench/serve_throughput.py)."""
+    args = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(directory)]
     args += ["--host", host, "--port", str(port), "--served-model-name", name]
     args += ["--max-num-seqs", str(max_batch), "--dtype", VLLM_DTYPES[dtype]]
     args += ["--api-key", api_key] if api_key else []
@@ -139,6 +157,4 @@ def exec_vllm(
         env.setdefault(
             "VLLM_CPU_KVCACHE_SPACE", "1"
         )  # GiB; vLLM's default is too big for small hosts
-    shown = f"[{host}]" if ":" in host else host
-    print(f"serving on http://{shown}:{port}", flush=True)
-    os.execve(sys.executable, args, env)
+    return args, env
