@@ -219,6 +219,13 @@ class FleetConfig:
         "a run directory or checkpoint of `ostinato train` (same model) that every island "
         "starts from, with its tokenizer, instead of the seeded init (DiLoCo's warm start)",
     )
+    warm_start_steps: int = option(
+        0,
+        "the run's first N inner steps are trained synchronously across the islands (a round "
+        "after every step, fp32, the islands' parameters averaged) before DiLoCo's rounds begin "
+        "(DiLoCo's warm start, inside the fleet; counts in train.steps; needs a step budget)",
+        ge=0,
+    )
 
 
 @dataclass
@@ -324,6 +331,11 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             f"data.seq_len = {cfg.data.seq_len}: must be <= model.max_seq_len ({cfg.model.max_seq_len})"
         )
     _check_budget(cfg.fleet, errors)
+    if cfg.fleet.warm_start_steps and cfg.fleet.warm_start_steps >= cfg.train.steps:
+        errors.append(
+            f"fleet.warm_start_steps = {cfg.fleet.warm_start_steps}: must be < train.steps "
+            f"({cfg.train.steps}), or no DiLoCo round would follow the warm start"
+        )
     _check_timeout_order(cfg.fleet, errors)
     if cfg.guards.spike_warmup > cfg.guards.spike_window:
         errors.append(
@@ -394,6 +406,11 @@ def _check_budget(fleet: FleetConfig, errors: list[str]) -> None:
         errors.append(
             f"fleet.fragments = {fleet.fragments}: must divide H of fleet.budget = "
             f"{fleet.budget!r}, so a fragment's round comes every H / fragments inner steps"
+        )
+    elif fleet.warm_start_steps and kind != "steps":
+        errors.append(
+            f"fleet.warm_start_steps = {fleet.warm_start_steps}: counts inner steps, so it needs "
+            f"fleet.budget = steps:H (got {fleet.budget!r})"
         )
     elif fleet.overlap and kind != "steps":
         errors.append(

@@ -478,7 +478,7 @@ def test_on_a_step_budget_the_schedule_follows_the_fleet_not_a_restarted_islands
     step 10 and healed to round 6 stands where the fleet does (a restarted island that kept its
     own count would end the run with the learning rate of 30 steps earlier)."""
     clock = RoundClock()
-    member = SimpleNamespace(budget_kind="steps", round_have=3, budget=5.0)
+    member = SimpleNamespace(budget_kind="steps", round_have=3, budget=5.0, warm_rounds=0)
     island = SimpleNamespace(member=member, clock=clock)
     clock.steps = 2
     assert FleetIsland.schedule_step(island, 17) == 17  # 3 rounds of 5, 2 steps into the 4th

@@ -444,9 +444,11 @@ class Coordinator:
 
     def _log_round(self, results: dict[str, dict[str, Any]], quarantined: list[str]) -> None:
         state = self.round
-        fragments = int((self.fingerprint or {}).get("fragments", 1))
-        fragment = fragment_of(state.number, fragments, self.total_rounds)  # None: all
+        recipe = self.fingerprint or {}
+        fragments, warm = int(recipe.get("fragments", 1)), int(recipe.get("warm_start_steps", 0))
+        fragment = fragment_of(state.number, fragments, self.total_rounds, warm)  # None: all
         record = round_record(state.number, state.attempt, state.members, results, quarantined)
+        record["warm"] = state.number <= warm  # a warm-start round: one step, fp32, averaged
         log.info("coordinator: round %d committed by %s", state.number, ", ".join(state.members))
         if self.out is not None:
             self.out.mkdir(parents=True, exist_ok=True)

@@ -34,13 +34,15 @@ log = logging.getLogger("ostinato")
 
 
 def total_rounds(fleet: FleetConfig, steps: int) -> int:
-    """Rounds in the run: fleet.rounds, else train.steps (`steps`) over H, per fragment."""
+    """Rounds in the run: the warm start's (one per step of fleet.warm_start_steps), then
+    fleet.rounds, else the rest of train.steps (`steps`) over H, per fragment."""
     kind, amount = budget_of(fleet)
+    warm = fleet.warm_start_steps
     if fleet.rounds:
-        return fleet.rounds
+        return warm + fleet.rounds
     if kind == "seconds":
         raise ValueError("fleet.rounds must be set (> 0) when fleet.budget is seconds:T")
-    return max(1, steps // int(amount)) * fleet.fragments
+    return warm + max(1, (steps - warm) // int(amount)) * fleet.fragments
 
 
 def total_inner_steps(fleet: FleetConfig, steps: int) -> int:
@@ -48,7 +50,8 @@ def total_inner_steps(fleet: FleetConfig, steps: int) -> int:
     kind, amount = budget_of(fleet)
     if kind == "seconds":
         return steps
-    return total_rounds(fleet, steps) * int(amount) // fleet.fragments
+    warm = fleet.warm_start_steps
+    return warm + (total_rounds(fleet, steps) - warm) * int(amount) // fleet.fragments
 
 
 def island_seed(fleet: FleetConfig, data_seed: int) -> int:
@@ -67,6 +70,7 @@ def recipe_fingerprint(model: ModelConfig, fleet: FleetConfig, steps: int) -> di
         "outer_lr": fleet.outer_lr,
         "outer_momentum": fleet.outer_momentum,
         "fragments": fleet.fragments,
+        "warm_start_steps": fleet.warm_start_steps,
         "rounds": total_rounds(fleet, steps),
     }
 
@@ -247,13 +251,14 @@ class FleetIsland:
     def schedule_step(self, step: int) -> int:
         """The step at which the learning-rate schedule stands: the fleet's, not the island's
         own `step` (which a restart sets back to its checkpoint while the heal brings its
-        parameters up to the fleet's round). On a step budget, H per round held (or in flight)
-        and this round's steps, which is `step` itself for an island never struck; on a time
-        budget, time_budget_step."""
+        parameters up to the fleet's round). On a step budget, one step per warm-start round
+        and H per round after it, held (or in flight), and this round's steps, which is `step`
+        itself for an island never struck; on a time budget, time_budget_step."""
         member, clock = self.member, self.clock
         if member.budget_kind == "steps":
             rounds = member.round_have + (clock.in_flight is not None)
-            return rounds * math.ceil(member.budget) + clock.steps
+            warm = min(rounds, member.warm_rounds)
+            return warm + (rounds - warm) * math.ceil(member.budget) + clock.steps
         return time_budget_step(self.steps, self.rounds, member.round_have, clock)
 
     def training(self, step: int) -> None:
@@ -315,7 +320,8 @@ class FleetIsland:
             final = self._land()
             if final or not member.round_due(clock.steps, clock.seconds()):
                 return final
-        overlap = self.cfg.overlap > 0 and not self._saves_next(step)
+        warm = member.warm(member.round_have + 1)  # warm-start rounds are never overlapped
+        overlap = self.cfg.overlap > 0 and not self._saves_next(step) and not warm
         if overlap and place.is_main:  # the run's final round is not: the fleet ends in agreement
             overlap = not member.total_rounds or member.round_have + 1 < member.total_rounds
         if self.cfg.overlap > 0 and self.group is not None:

@@ -23,7 +23,7 @@ from torch import nn
 
 from ostinato.config import FleetConfig, GuardsConfig, budget_of
 from ostinato.fleet import wire
-from ostinato.fleet.compress import ErrorFeedback, from_bytes, message_bytes, unpack
+from ostinato.fleet.compress import ErrorFeedback, from_bytes, message_bytes, pack, unpack
 from ostinato.fleet.deadlines import LinkRate
 from ostinato.fleet.guards import pseudo_gradient_outliers
 from ostinato.fleet.heartbeat import Heartbeat
@@ -72,6 +72,7 @@ class FleetMember(Joining):
         self.pad_exchange: Callable[[float, int, int], None] = lambda started, out, back: None
         self.budget_kind, budget = budget_of(cfg)
         self.budget = budget / cfg.fragments  # per round: a fragment's share of H (or T)
+        self.warm_rounds = cfg.warm_start_steps  # the first rounds: one step each (a warm start)
         self.total_rounds = int(fingerprint.get("rounds", 0))  # the final round syncs all
         self.round_have = 0  # last committed round whose global state this island holds
         self.role = "member"
@@ -95,8 +96,19 @@ class FleetMember(Joining):
 
     # --- rounds -----------------------------------------------------------------------------
 
+    def warm(self, number: int) -> bool:
+        """Whether round `number` is one of the warm start's (fleet.warm_start_steps): after a
+        single inner step, in fp32, the islands' parameters are averaged (outer lr 1, no
+        momentum), which is synchronous training across the islands."""
+        return number <= self.warm_rounds
+
+    def compression(self, number: int) -> str:
+        return "fp32" if self.warm(number) else self.cfg.compression
+
     def round_due(self, steps_in_round: int, seconds_in_round: float) -> bool:
-        if self.budget_kind == "steps":
+        if self.warm(self.round_have + 1):
+            due = steps_in_round >= 1
+        elif self.budget_kind == "steps":
             due = steps_in_round >= self.budget
         else:
             due = seconds_in_round >= self.budget
@@ -120,7 +132,7 @@ class FleetMember(Joining):
 
     def fragment(self, number: int) -> int | None:
         """What round `number` synchronises (fleet/streaming.py)."""
-        return fragment_of(number, self.cfg.fragments, self.total_rounds)
+        return fragment_of(number, self.cfg.fragments, self.total_rounds, self.warm_rounds)
 
     def pseudo_gradient(self, model: nn.Module) -> torch.Tensor:
         """This island's pseudo-gradient for its next round: that round's fragment."""
@@ -159,7 +171,7 @@ class FleetMember(Joining):
         ready = {"tokens": tokens, "data": data, "nonce": self.nonce}
         # what the coordinator's exchange deadline allows for (fleet/deadlines.py)
         size = self.outer.size(self.fragment(number))
-        ready |= {"bytes": message_bytes(size, self.cfg.compression, self.cfg.block)}
+        ready |= {"bytes": message_bytes(size, self.compression(number), self.cfg.block)}
         ready |= {"rate": self.link_rate.bytes_per_s}
         self.keys.put(f"ready/{number}/{self.island}", ready)
         self.heartbeat.news()
@@ -205,7 +217,10 @@ class FleetMember(Joining):
         attempt, members = record["attempt"], record["members"]
         fragment = self.fragment(number)
         started = time.perf_counter()
-        packed = self.feedback.compress(pseudo_gradient, self.outer.span(fragment)[0])
+        if self.warm(number):  # exact, so no quantization error to feed back
+            packed = pack(pseudo_gradient, "fp32", self.cfg.block)
+        else:
+            packed = self.feedback.compress(pseudo_gradient, self.outer.span(fragment)[0])
         count = torch.tensor([float(tokens)], dtype=torch.float64).view(torch.uint8)
         context = ("pseudo-gradient", number, attempt)  # and the sender: bound to this attempt
         mine = wire.seal(torch.cat([packed.to_bytes(), count]), self.token, *context, self.island)
@@ -217,7 +232,7 @@ class FleetMember(Joining):
             gathered = None
         result = {"ok": False, "digest": None, "bytes_sent": 0, "tokens": tokens}
         if gathered is not None:
-            result = self._step_on(gathered, members, context, fragment)
+            result = self._step_on(gathered, members, context, number)
             result.update(bytes_sent=mine.numel() * (len(members) - 1), tokens=tokens)
         exchange_s = time.perf_counter() - started
         self.keys.put(
@@ -252,9 +267,10 @@ class FleetMember(Joining):
             reload="fragment",
         )
 
-    def _step_on(self, gathered, members: list[str], context: tuple, fragment: int | None):
-        """The tentative outer step on the payloads whose MAC holds. A payload that fails it was
-        changed on its way: its sender is refused (left out, reported as its fault)."""
+    def _step_on(self, gathered, members: list[str], context: tuple, number: int):
+        """The tentative outer step of round `number` on the payloads whose MAC holds. A payload
+        that fails it was changed on its way: its sender is refused (left out, reported as its
+        fault). A warm-start round's step is the plain average."""
         opened = [
             wire.unseal(raw, self.token, *context, sender)
             for raw, sender in zip(gathered, members, strict=True)
@@ -264,8 +280,12 @@ class FleetMember(Joining):
             log.warning("fleet: %s: refused the payload of %s (bad MAC)", context, refused)
         kept = [m for m in members if m not in refused]
         payloads = [payload for payload in opened if payload is not None]
-        averaged, excluded = self._average(payloads, kept, fragment)
-        digest = self.outer.tentative_step(averaged, fragment)
+        fragment = self.fragment(number)
+        averaged, excluded = self._average(payloads, kept, fragment, self.compression(number))
+        if self.warm(number):
+            digest = self.outer.tentative_average(averaged)
+        else:
+            digest = self.outer.tentative_step(averaged, fragment)
         return {"ok": True, "digest": digest, "excluded": excluded, "refused": refused}
 
     def _decision(self, number: int, attempt: int) -> dict[str, Any] | None:
@@ -316,16 +336,20 @@ class FleetMember(Joining):
         return gathered
 
     def _average(
-        self, gathered: list[torch.Tensor], members: list[str], fragment: int | None = None
+        self,
+        gathered: list[torch.Tensor],
+        members: list[str],
+        fragment: int | None = None,
+        kind: str | None = None,
     ) -> tuple[torch.Tensor, list[str]]:
         """Token-weighted mean of the pseudo-gradients (of `fragment`; None: everything) that
         pass the outlier guard, summed in member order so every member gets the same bits; and
         the members left out."""
         numel, cfg = self.outer.size(fragment), self.cfg
+        kind = kind or cfg.compression
         weights = [float(raw[-8:].clone().view(torch.float64)) for raw in gathered]
         peers = [
-            unpack(from_bytes(raw[:-8], numel, cfg.compression, cfg.block), cfg.block)
-            for raw in gathered
+            unpack(from_bytes(raw[:-8], numel, kind, cfg.block), cfg.block) for raw in gathered
         ]
         norms = [float(p.double().norm()) for p in peers]
         left_out = pseudo_gradient_outliers(norms, self.guards.outlier_ratio)
@@ -349,7 +373,9 @@ class FleetMember(Joining):
 
     def _rejoin(self, pseudo_gradient) -> RoundOutcome:
         """This island is behind the fleet: keep its work for its next round, get healed."""
-        self.feedback.carry(pseudo_gradient, self.outer.span(self.fragment(self.round_have + 1))[0])
+        number = self.round_have + 1
+        if not self.warm(number):  # a warm-start step missed is lost: the heal brings the average
+            self.feedback.carry(pseudo_gradient, self.outer.span(self.fragment(number))[0])
         if self.role == "finished":
             return RoundOutcome(committed=False, final=True, round=self.round_have, reload="")
         final = self._heal()  # healed at the last round: the run is over for this island too

@@ -35,6 +35,7 @@ COMPARED = (
     "outer_lr",
     "outer_momentum",
     "fragments",
+    "warm_start_steps",
     "rounds",
     "warm_start",
 )

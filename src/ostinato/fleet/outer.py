@@ -139,6 +139,19 @@ class OuterState:
                 self.parts[i].grad = None
             return digest(self.global_params)
 
+    def tentative_average(self, averaged: torch.Tensor) -> str:
+        """A warm-start round (fleet.warm_start_steps): global -= the averaged pseudo-gradient
+        of the whole model, which makes the global parameters the islands' mean (outer lr 1, no
+        momentum: synchronous training's average); undone like a step. Returns the digest."""
+        with self.lock:
+            self._undo = [
+                (i, self.parts[i].detach().clone(), self._momentum_of(i))
+                for i in range(len(self.parts))
+            ]
+            with torch.no_grad():
+                self.global_params.sub_(averaged)
+            return digest(self.global_params)
+
     def commit(self) -> None:
         self._undo = None
 

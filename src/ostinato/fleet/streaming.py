@@ -44,14 +44,20 @@ def fragment_cuts(sizes: list[int], fragments: int) -> list[int]:
     return [*cuts, len(sizes)]
 
 
-def fragment_of(round_number: int, fragments: int, total_rounds: int) -> int | None:
-    """The fragment that round `round_number` synchronises; None: all of them (the final round
-    of a run with several fragments)."""
+def fragment_of(
+    round_number: int, fragments: int, total_rounds: int, warm_rounds: int = 0
+) -> int | None:
+    """The fragment that round `round_number` synchronises; None: all of them (a warm-start
+    round, or the final round of a run with several fragments). The fleet's first `warm_rounds`
+    rounds are its warm start (fleet.warm_start_steps, one inner step each); the fragments'
+    schedule begins after them."""
+    if round_number <= warm_rounds:
+        return None
     if fragments == 1:
         return 0
     if total_rounds and round_number >= total_rounds:
         return None
-    return (round_number - 1) % fragments
+    return (round_number - warm_rounds - 1) % fragments
 
 
 @dataclass
