@@ -24,6 +24,8 @@ speed): the bytes of a ring all-reduce are fixed by N and the gradient size.
     --report-only: rebuild the tables from the runs already in --out, training nothing.
     --loss-only: DDP and the 2-island fleet only (bytes and validation loss), for long runs.
     --reuse: keep the runs in --out that finished (a summary.json per island), run the rest.
+    --quality: the demo model on the reasoning corpus, DDP against fleets of 1, 2 and 4
+      islands and their variants at equal tokens (bench/fleet_quality.py).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import fleet_quality
 from fleet_common import MODEL as FLEET_MODEL
 
 from ostinato.config import load_config
@@ -301,6 +304,7 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="only DDP and the 2-island fleet at H: bytes and validation loss (long runs)",
     )
+    fleet_quality.add_arguments(parser)
     return parser.parse_args()
 
 
@@ -312,6 +316,9 @@ def main() -> None:
     REPORT_ONLY, REUSE = args.report_only, args.reuse
     out = args.out or Path(tempfile.mkdtemp(prefix="fleet_vs_ddp_"))
     out.mkdir(parents=True, exist_ok=True)
+    if args.quality:
+        fleet_quality.main(args, out)
+        return
     started = time.perf_counter()
     common = [f"train.steps={args.steps}", f"train.batch_size={args.batch}"]
     common.append(f"data.tokenizer={shared_tokenizer(out, common)}")
