@@ -1,6 +1,7 @@
 """`ostinato rl` as a user runs it: GRPO on a model `ostinato train` made, its outputs, a trainer
 killed with SIGKILL and resumed (bit-identical on CPU), and recipes it refuses by field."""
 
+import importlib.util
 import json
 import random
 import signal
@@ -117,6 +118,8 @@ def test_killed_and_resumed_ends_bit_identical(reference, sft_run, tmp_path):
         ({"max_staleness": 2}, "rl.max_staleness = 2"),  # only islands generate ahead
         ({"task": "poetry"}, "rl.task"),
         ({"group_size": 1}, "rl.group_size"),
+        ({"engine": "vllm"}, "rl.engine = 'vllm': vLLM generates on rollout islands"),
+        ({"engine": "gpt"}, "rl.engine"),
     ],
 )
 def test_a_bad_recipe_is_refused_by_field(sft_run, tmp_path, extra, named):
@@ -126,6 +129,15 @@ def test_a_bad_recipe_is_refused_by_field(sft_run, tmp_path, extra, named):
     assert done.returncode == 2, done.stderr[-2000:]
     assert named in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed")
+def test_the_vllm_engine_without_vllm_is_refused_before_anything_starts(sft_run, tmp_path):
+    config = recipe(tmp_path, sft_run, engine="vllm", rollout_islands=1)
+    done = run_cli("rl", "--config", str(config), "--out", str(tmp_path / "o"))
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "rl.engine = 'vllm': vLLM is not installed" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "o" / "metrics.jsonl").exists()
 
 
 def test_a_fault_an_rl_run_cannot_strike_is_refused(sft_run, tmp_path):

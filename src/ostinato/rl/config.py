@@ -57,8 +57,9 @@ class RLConfig:
     )
     engine: str = option(
         "ostinato",
-        "what generates rollouts: the batched engine of `ostinato serve`",
-        choices=("ostinato",),
+        "what generates rollouts: the batched engine of `ostinato serve`, or vLLM on rollout "
+        "islands whose Python has it installed (rl/vllm_rollout.py)",
+        choices=("ostinato", "vllm"),
     )
     eval_every: int = option(10, "updates between held-out evaluations (greedy)", ge=1)
     eval_problems: int = option(100, "held-out problems per evaluation", ge=1)

@@ -95,6 +95,7 @@ class RolloutFleet:
         setup = {"model": self.print["model"], "tokenizer": tokenizer.to_str()}
         setup |= {"threads": rl.island_threads or rl.threads, "weight_push": rl.weight_push}
         setup |= {"heartbeat_s": rl.heartbeat_timeout_s / BEATS_PER_TIMEOUT}
+        setup |= {"engine": rl.engine}
         self.publisher = Publisher(self.view, self.token, rl.weight_push)
         put_sealed(self.view, self.token, "setup", json.dumps(setup).encode(), "setup")
         self.islands = {f"r{i}": Island(f"r{i}") for i in range(rl.rollout_islands)}

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -29,6 +30,7 @@ from ostinato.fleet import wire
 from ostinato.model.llama import Llama
 from ostinato.rl.grpo import token_log_probs
 from ostinato.rl.rollout import generate
+from ostinato.rl.vllm_rollout import VllmRollouts, check_installed
 from ostinato.rl.weights import Receiver, get_sealed, load_flat, put_sealed, rl_prefix
 
 log = logging.getLogger("ostinato")
@@ -69,6 +71,7 @@ class RolloutIsland:
         self.model: Llama | None = None
         self.tokenizer: Tokenizer | None = None
         self.weights: Receiver | None = None  # once joined
+        self.vllm: VllmRollouts | None = None  # rl.engine = "vllm": generates instead of ours
         self.done = 0  # work items finished
 
     # --- joining ----------------------------------------------------------------------------
@@ -85,6 +88,11 @@ class RolloutIsland:
             tokenizer = Tokenizer.from_str(setup["tokenizer"])
         if setup.get("threads"):
             torch.set_num_threads(int(setup["threads"]))
+        model = Llama(model_cfg).eval()
+        if setup.get("engine") == "vllm":  # before the hello: its start takes tens of seconds
+            check_installed(sys.executable)
+            self.vllm = VllmRollouts(model, tokenizer)
+            log.info("rollout island %s: generating with vLLM", self.island)
         hello = {"fingerprint": fingerprint(model_cfg, tokenizer), "incarnation": self.incarnation}
         put_sealed(
             self.view, self.token, f"hello/{self.island}", json.dumps(hello).encode(),
@@ -95,7 +103,7 @@ class RolloutIsland:
             raise Refused(
                 f"the RL trainer refused rollout island {self.island}: {verdict['reason']}"
             )
-        self.model, self.tokenizer = Llama(model_cfg).eval(), tokenizer
+        self.model, self.tokenizer = model, tokenizer
         numel = sum(p.numel() for p in self.model.parameters())
         self.weights = Receiver(self.view, self.token, setup.get("weight_push", "full"), numel)
         self._start_heartbeat(float(setup.get("heartbeat_s", 2.0)))
@@ -157,6 +165,8 @@ class RolloutIsland:
         """Load the newest weights the trainer published, if newer than ours."""
         if self.weights.refresh():
             load_flat(self.model, self.weights.held)
+            if self.vllm is not None:
+                self.vllm.load(self.model)
 
     def generate(self, work: dict[str, Any]) -> dict[str, Any]:
         while self.version < int(work["min_version"]):
@@ -167,10 +177,16 @@ class RolloutIsland:
         prompts, seeds = work["prompts"], work["seeds"]
         if work.get("fault"):
             strike(work["fault"], self.model, self.tokenizer, prompts)
-        answers, stopped, seconds = generate(
-            self.model, self.tokenizer, prompts, int(work["max_new_tokens"]),
-            float(work["temperature"]), seeds,
-        )  # fmt: skip
+        if self.vllm is not None:
+            ids = [self.tokenizer.encode(p, add_special_tokens=False).ids for p in prompts]
+            answers, stopped, seconds = self.vllm.generate(
+                ids, int(work["max_new_tokens"]), float(work["temperature"]), seeds
+            )
+        else:
+            answers, stopped, seconds = generate(
+                self.model, self.tokenizer, prompts, int(work["max_new_tokens"]),
+                float(work["temperature"]), seeds,
+            )  # fmt: skip
         behaviour = self._log_probs(prompts, answers) if work.get("log_probs") else None
         return {
             "id": work["id"], "version": self.version, "answers": answers, "stopped": stopped,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from ostinato.faults.spec import parse_faults
 from ostinato.model.llama import Llama
 from ostinato.rl.config import RLConfig
 from ostinato.rl.tasks import TaskSet, task_set
+from ostinato.rl.vllm_rollout import check_installed
 from ostinato.train.state import TOKENIZER_FILE
 
 
@@ -48,6 +50,13 @@ def check_supported(rl: RLConfig) -> None:
             f"rl.max_staleness = {rl.max_staleness}: only rollout islands generate ahead of the "
             "trainer; set rl.rollout_islands >= 1, or rl.max_staleness = 0"
         )
+    if rl.engine == "vllm" and not rl.rollout_islands:
+        raise BadInput(
+            "rl.engine = 'vllm': vLLM generates on rollout islands; set rl.rollout_islands >= 1 "
+            "(or rl.engine = 'ostinato' to generate in the trainer)"
+        )
+    if rl.engine == "vllm" and rl.spawn:
+        check_installed(sys.executable)  # the islands started here run this Python
 
 
 def rollout_faults(schedule: str, rl: RLConfig) -> dict[tuple[str, int], str]:
