@@ -95,6 +95,7 @@ def run_arms(out: Path, args: argparse.Namespace) -> list[tuple[base.Run, float 
     fleet("fleet 2, H=30, auto", "fleet2", 2, h30)
     one = one_island_two_threads(out, common, evals)
     ddp_options = [*common, f"train.batch_size={TOTAL_BATCH // 2}", f"train.eval_problems={evals}"]
+    ddp_options.append("parallel.strategy=ddp")  # not the auto default for 2 ranks (fsdp)
     ddp = base.run_ddp(out / "ddp", ddp_options)
     arms.insert(0, (ddp, out / "ddp"))
     print(f"  DDP: val loss {ddp.val_loss:.4f}", flush=True)
