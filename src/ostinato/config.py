@@ -219,6 +219,13 @@ class FleetConfig:
         "a run directory or checkpoint of `ostinato train` (same model) that every island "
         "starts from, with its tokenizer, instead of the seeded init (DiLoCo's warm start)",
     )
+    shards: int = option(
+        1,
+        "fleet shards: the fleet state (global parameters, outer momentum, residual) cut into "
+        "this many ranges, the same for every island; rank r of an island of N ranks holds and "
+        "exchanges the shards k with k % N == r (fleet local --ranks sets the largest island's N)",
+        ge=1,
+    )
     warm_start_steps: int = option(
         0,
         "the run's first N inner steps are trained synchronously across the islands (a round "

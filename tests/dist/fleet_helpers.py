@@ -15,6 +15,7 @@ from pathlib import Path
 from ostinato.checkpoint.reader import load_trained
 from ostinato.fleet import wire
 from ostinato.fleet.outer import digest, flatten
+from ostinato.fleet.shards import island_digest, shard_bounds
 from ostinato.train.metrics import read_metrics
 from tests.conftest import TINY, cli_env
 
@@ -165,8 +166,16 @@ def free_port() -> int:
 
 
 def final_digests(out: Path, names: list[str]) -> dict[str, str]:
-    """Digest of each island's final parameters, as the fleet logs it in rounds.jsonl."""
-    return {name: digest(flatten(load_trained(out / name).model)) for name in names}
+    """Digest of each island's final parameters, as the fleet logs it in rounds.jsonl: of its
+    fleet shards (fleet/shards.py), as many as the rounds say."""
+    log = rounds(out)
+    shards = log[-1].get("shards", 1) if log else 1
+    digests = {}
+    for name in names:
+        flat = flatten(load_trained(out / name).model)
+        cut = [digest(flat[lo:hi]) for lo, hi in shard_bounds(flat.numel(), shards)]
+        digests[name] = island_digest(cut)
+    return digests
 
 
 def rounds(out: Path) -> list[dict]:

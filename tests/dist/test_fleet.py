@@ -350,8 +350,8 @@ def test_a_torchrun_island_with_a_time_budget_loses_a_rank_and_rejoins(tmp_path,
     b goes on alone, torchrun restarts a's ranks, a resumes, rejoins, and trains on in the
     fleet. Its ranks must agree on every round's end (their clocks differ) and hold the same
     parameters (auto replicates them: the rank digest guard would repair a rank that did not);
-    with fsdp they hold shards, resumed from the island's sharded checkpoint and healed through
-    the island's host copy."""
+    with fsdp they hold shards of the model and, with fleet.shards = 2, one fleet shard each:
+    each resumed from the island's sharded checkpoint and healed shard by shard."""
     out, port = tmp_path / "fleet", free_port()
     address = f"127.0.0.1:{port}"
     coordinator = Running(
@@ -361,6 +361,7 @@ def test_a_torchrun_island_with_a_time_budget_loses_a_rank_and_rejoins(tmp_path,
     run = ["--fleet.budget=seconds:0.5", "--fleet.rounds=60", "--checkpoint.every=5", *FAST]
     run += ["--guards.digest_every=5", f"--fleet.coordinator={address}"]
     run += [f"--parallel.strategy={strategy}"]
+    run += ["--fleet.shards=2"] if strategy == "fsdp" else []
 
     def island(name: str) -> list[str]:
         command = ["train", "--config", str(TINY), "--out", str(out / name), *run]
@@ -384,4 +385,5 @@ def test_a_torchrun_island_with_a_time_budget_loses_a_rank_and_rejoins(tmp_path,
     assert "resumed from" in a.output, a.output[-4000:]
     assert log[-1]["members"] == ["a", "b"]
     assert "repaired from rank" not in a.output
+    assert {r["shards"] for r in log} == {2 if strategy == "fsdp" else 1}
     assert set(final_digests(out, ["a", "b"]).values()) == {log[-1]["digest"]}

@@ -145,8 +145,8 @@ def test_a_pseudo_gradient_changed_in_transit_is_refused_and_its_sender_counted(
         member.start(models[name])
     gather = members["a"]._all_gather
 
-    def tampered(mine, number, attempt, names):
-        gathered = gather(mine, number, attempt, names)
+    def tampered(mine, number, attempt, names, shard):
+        gathered = gather(mine, number, attempt, names, shard)
         flip_one_byte(gathered[names.index("b")])  # b's payload, as it reached a
         return gathered
 
@@ -193,15 +193,15 @@ def test_a_heal_changed_in_transit_is_refused_and_taken_from_another_donor():
 
     a, b, joiner = member("a", 1), member("b", 2), member("j", 3)
     joiner.role = "joiner"
-    receive = joiner._receive_heal
+    receive = joiner._receive_shard
 
-    def tampered(order: dict[str, Any]) -> torch.Tensor:
-        sealed = receive(order)
-        if order["donor"] == "a":
+    def tampered(name: str, nbytes: int) -> torch.Tensor:
+        sealed = receive(name, nbytes)
+        if name.startswith("healpg/1/"):  # a's heal (of round 1)
             flip_one_byte(sealed)
         return sealed
 
-    joiner._receive_heal = tampered
+    joiner._receive_shard = tampered
     healed: list[bool] = []
     thread = threading.Thread(target=lambda: healed.append(joiner._heal()), daemon=True)
     thread.start()

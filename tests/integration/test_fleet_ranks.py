@@ -7,6 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ostinato.cli import app
+from ostinato.fleet.guards import read_guard_log
 from ostinato.jsonl import read_jsonl
 from tests.conftest import TINY
 from tests.dist.fleet_helpers import final_digests, fleet_local, rounds
@@ -19,9 +20,10 @@ PATIENT += ["--fleet.heartbeat_timeout_s=60", "--fleet.progress_timeout_s=120"]
 
 def test_an_island_of_two_ranks_and_one_of_one_train_one_model(tmp_path):
     """Two fleets at once, island a of 2 ranks and b of 1 in each: with parallel.strategy auto
-    a replicates its model (ddp, auto's choice in a fleet); with fsdp it shards it, and its
-    exchange runs on a whole copy in host memory, gathered from the shards before each round
-    and scattered into them after. Both commit every round with both islands, and end equal.
+    a replicates its model (ddp, auto's choice in a fleet); with fsdp it shards it. In both the
+    fleet state is cut into 2 fleet shards (fleet local sets the largest island's ranks): each
+    of a's ranks holds and exchanges one, b's one rank both. Both commit every round with both
+    islands, and end equal.
 
     The two fleets see the same tokens from the same init and differ in the order of a's
     gradient sums (about 1e-7 of a value) and in what that moves across int8 rounding edges:
@@ -49,6 +51,12 @@ def test_an_island_of_two_ranks_and_one_of_one_train_one_model(tmp_path):
         assert (summaries["b"]["strategy"], summaries["b"]["world_size"]) == ("single", 1)
         tokens = {n: read_jsonl(out / n / "metrics.jsonl")[0]["tokens"] for n in "ab"}
         assert tokens["a"] == 2 * tokens["b"]  # two ranks, each a batch
+        assert all(r["shards"] == 2 for r in committed)
+        # a's ranks hold one fleet shard each, b's one rank both: the same bytes in all (the
+        # shards are equal halves but for the cut's rounding, < 1 fp32 value per tensor kind)
+        held_a, held_b = (summaries[n]["fleet_state_bytes_per_rank"] for n in "ab")
+        assert len(held_a) == 2 and abs(sum(held_a) - held_b[0]) == 0
+        assert max(held_a) <= held_b[0] / 2 + 3 * 4
         losses[strategy] = summaries["a"]["val_loss"]
     assert losses["fsdp"] == pytest.approx(losses["auto"], rel=1e-4), losses
 
@@ -61,3 +69,27 @@ def test_a_wrong_ranks_list_is_refused_before_anything_starts(tmp_path, ranks):
     assert result.exit_code == 2, result.output
     assert f"--ranks {ranks!r}: give 2 whole numbers >= 1" in result.stderr
     assert not out.exists()
+
+
+def test_a_flipped_bit_in_one_fleet_shard_is_found_by_its_digest_and_healed(tmp_path):
+    """A 2-rank FSDP island and a 1-rank island, 2 fleet shards: a bit of a's global state
+    flips after round 2 (in the leader's shard, 0). The next round's digests differ in that
+    shard only; the digest guard names it, quarantines a, and a donor heals it shard by shard:
+    the fleet ends with both islands on the same parameters."""
+    out = tmp_path / "fleet"
+    # min_islands 1: with two islands the quarantined one's round must commit without it
+    # (fleet.expect = 2 still makes the first round wait for both)
+    patient = [o for o in PATIENT if not o.startswith("--fleet.min_islands")]
+    run = fleet_local(out, 2, "--ranks", "2,1", "--no-warm-spare", "--train.steps=20",
+                      "--fleet.budget=steps:5", "--train.eval_problems=0", "--train.samples=0",
+                      "--parallel.strategy=fsdp", "--for", "a:faults.schedule=bitflip@round=2",
+                      *patient)  # fmt: skip
+    assert run.wait(280) == 0, run.output[-4000:]
+    digest_events = [g for g in read_guard_log(out) if g["guard"] == "digest"]
+    assert [(g["island"], g["shards"]) for g in digest_events] == [("a", [0])], digest_events
+    committed = rounds(out)
+    assert [r["round"] for r in committed] == [1, 2, 3, 4]
+    flipped = committed[digest_events[0]["round"] - 1]
+    assert flipped["quarantined"] == ["a"] and flipped["members"] == ["b"]
+    assert committed[-1]["members"] == ["a", "b"]  # healed, and a member again
+    assert len(set(final_digests(out, ["a", "b"]).values())) == 1

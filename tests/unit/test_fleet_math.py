@@ -23,6 +23,7 @@ from ostinato.fleet.island import FleetIsland, RoundClock, time_budget_step
 from ostinato.fleet.member import FleetMember
 from ostinato.fleet.outer import OuterState, digest, flatten, outer_lr_of
 from ostinato.model.llama import Llama
+from tests.unit.local_rounds import average_of
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -280,7 +281,7 @@ def test_one_island_h1_fp32_lr1_no_momentum_is_plain_training():
         pseudo_gradient = member.outer.pseudo_gradient(fleet_model)
         assert torch.equal(pseudo_gradient, start - local)
         packed = member.feedback.compress(pseudo_gradient)
-        averaged, _ = member._average([torch.cat([packed.to_bytes(), tokens_bytes(32)])], ["a"])
+        averaged, _ = average_of(member, [torch.cat([packed.to_bytes(), tokens_bytes(32)])], ["a"])
         assert torch.equal(averaged, pseudo_gradient)
         member.outer.tentative_step(averaged)
         member.outer.commit()
@@ -401,8 +402,10 @@ def test_average_weights_by_tokens():
         torch.cat([pack(torch.full((n,), 3.0), "fp32").to_bytes(), tokens_bytes(300)]),
     ]
     # 0.25 * 1 + 0.75 * 3 = 2.5, exactly in floats
-    assert torch.equal(a._average(gathered, ["a", "b"])[0], torch.full((n,), 2.5))
-    other, _ = a._average([torch.cat([gathered[0][:-8], tokens_bytes(7)]), gathered[1]], ["a", "b"])
+    assert torch.equal(average_of(a, gathered, ["a", "b"])[0], torch.full((n,), 2.5))
+    other, _ = average_of(
+        a, [torch.cat([gathered[0][:-8], tokens_bytes(7)]), gathered[1]], ["a", "b"]
+    )
     # (7/307) * 1 + (300/307) * 3 in fp32: the two weights, one product and the sum each round
     # once, by at most U32 of a term <= the result: within 4 U32 of it, 5 with higher orders.
     exact = (7 * 1.0 + 300 * 3.0) / 307
@@ -418,8 +421,8 @@ def test_average_is_bit_identical_on_every_member(compression):
     for tokens in (1000, 3000, 1234):  # three members, different token counts
         pg = torch.randn(n, generator=gen) * 1e-2
         gathered.append(torch.cat([pack(pg, compression, 64).to_bytes(), tokens_bytes(tokens)]))
-    on_a, left_out = a._average([raw.clone() for raw in gathered], ["a", "b", "c"])
-    on_b, _ = b._average([raw.clone() for raw in gathered], ["a", "b", "c"])
+    on_a, left_out = average_of(a, [raw.clone() for raw in gathered], ["a", "b", "c"])
+    on_b, _ = average_of(b, [raw.clone() for raw in gathered], ["a", "b", "c"])
     assert torch.equal(on_a, on_b) and left_out == []
     expected = torch.zeros(n)
     total = 1000.0 + 3000.0 + 1234.0
@@ -444,9 +447,9 @@ def test_a_corrupted_pseudo_gradient_is_left_out_of_the_average(compression):
         torch.cat([pack(pg, compression, 64).to_bytes(), tokens_bytes(100)])
         for pg in (clean[0], clean[1], corrupted)
     ]
-    averaged, left_out = a._average(gathered, ["a", "b", "c"])
+    averaged, left_out = average_of(a, gathered, ["a", "b", "c"])
     assert left_out == ["c"]
-    two, _ = a._average(gathered[:2], ["a", "b"])
+    two, _ = average_of(a, gathered[:2], ["a", "b"])
     assert torch.equal(averaged, two)
     off = FleetMember(
         fleet_cfg(compression=compression, block=64),
@@ -454,7 +457,7 @@ def test_a_corrupted_pseudo_gradient_is_left_out_of_the_average(compression):
         {},
         GuardsConfig(outlier_ratio=0.0),
     )
-    poisoned, nothing = off._average(gathered, ["a", "b", "c"])
+    poisoned, nothing = average_of(off, gathered, ["a", "b", "c"])
     assert nothing == [] and poisoned.abs().max() > 1e30
 
 

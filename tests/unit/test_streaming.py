@@ -10,10 +10,11 @@ from torch import nn
 
 from ostinato.config import ConfigError, FleetConfig, load_config
 from ostinato.fleet.compress import ErrorFeedback, pack, payload_size, unpack
-from ostinato.fleet.member import FleetMember, RoundOutcome
+from ostinato.fleet.member import FleetMember
 from ostinato.fleet.outer import OuterState, digest, flatten, unique_parameters
 from ostinato.fleet.streaming import fragment_cuts, fragment_of, send_in_background
-from tests.unit.test_fleet_math import U32, tiny_llama, tokens_bytes
+from tests.unit.local_rounds import local_round
+from tests.unit.test_fleet_math import U32, tiny_llama
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -31,25 +32,9 @@ def train_a_little(model: nn.Module, seed: int) -> None:
 
 
 def fleet_round(members, models, number: int, tokens=(100, 300)) -> list[str]:
-    """What `FleetMember._attempt` does for round `number`, minus the network: every member
-    compresses its pseudo-gradient, all average the gathered bytes and step. Returns digests."""
-    fragment = members[0].fragment(number)
-    sent = []
-    for member, model, count in zip(members, models, tokens, strict=True):
-        start = member.outer.span(fragment)[0]
-        packed = member.feedback.compress(member.pseudo_gradient(model), start)
-        sent.append(torch.cat([packed.to_bytes(), tokens_bytes(count)]))
-    names = [m.island for m in members]
-    digests = []
-    for member, model in zip(members, models, strict=True):
-        averaged, _ = member._average([raw.clone() for raw in sent], names, fragment)
-        digests.append(member.outer.tentative_step(averaged, fragment))
-        member.outer.commit()
-        member.feedback.commit()
-        member.round_have = number
-        outcome = RoundOutcome(True, False, number, fragment=fragment, reload="fragment")
-        member.take(model, outcome)
-    return digests
+    """Round `number` among `members` with the members' own exchange code, minus the network
+    (tests/unit/local_rounds.py). Returns the digests."""
+    return [r["digest"] for r in local_round(members, models, number, tokens)]
 
 
 # --- fragments and their schedule ---------------------------------------------------------------

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from ostinato.config import ConfigError, FleetConfig, load_config
-from ostinato.fleet import wire
 from ostinato.fleet.compress import message_bytes
 from ostinato.fleet.island import FleetIsland, RoundClock, total_inner_steps, total_rounds
 from ostinato.fleet.member import FleetMember
 from ostinato.fleet.outer import flatten
 from ostinato.fleet.streaming import fragment_of
-from tests.unit.test_fleet_math import U32, tiny_llama, tokens_bytes
+from tests.unit.local_rounds import local_round
+from tests.unit.test_fleet_math import U32, tiny_llama
 from tests.unit.test_streaming import train_a_little
 
 pytestmark = pytest.mark.timeout(60)
@@ -76,21 +76,21 @@ def test_the_schedule_step_counts_one_step_per_warm_round():
 
 
 def warm_round(members, models, number: int = 1) -> list[str]:
-    """What `FleetMember._attempt` does for a warm round, minus the network: each member packs
-    its whole pseudo-gradient (fp32 in a warm round, whatever fleet.compression says), seals it,
-    and all take the tentative step on the gathered payloads. Returns the digests."""
-    names = [m.island for m in members]
-    context = ("pseudo-gradient", number, 0)
-    sent = []
-    for member, model in zip(members, models, strict=True):
+    """A warm round among `members` with their own exchange code, minus the network
+    (tests/unit/local_rounds.py), not committed. Each payload is the whole pseudo-gradient in
+    fp32 (a warm round's, whatever fleet.compression says). Returns the digests."""
+    sizes = []
+
+    def measure(raw, sender, shard):
+        sizes.append(raw.numel())
+        return raw
+
+    for member in members:
         assert member.warm(number) and member.fragment(number) is None
-        payload = member.outer.pseudo_gradient(model).view(torch.uint8)  # pack(..., "fp32")
-        raw = torch.cat([payload, tokens_bytes(128)])
-        sent.append(wire.seal(raw, member.token, *context, member.island))
-        assert sent[-1].numel() == message_bytes(member.outer.numel, "fp32", member.cfg.block)
-    return [
-        m._step_on([s.clone() for s in sent], names, context, number)["digest"] for m in members
-    ]
+    results = local_round(members, models, number, (128, 128), tamper=measure, commit=False)
+    numel = members[0].outer.numel
+    assert set(sizes) == {message_bytes(numel, "fp32", members[0].cfg.block)}
+    return [r["digest"] for r in results]
 
 
 def test_a_warm_round_makes_the_global_parameters_the_islands_mean():

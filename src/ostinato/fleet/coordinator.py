@@ -30,6 +30,7 @@ from ostinato.fleet.membership import IslandView, Membership
 from ostinato.fleet.outer import outer_lr_of
 from ostinato.fleet.prompt_heal import PromptHeals
 from ostinato.fleet.round_guards import RoundGuards, round_record
+from ostinato.fleet.shard_ops import exchange_group, heal_shard_group
 from ostinato.fleet.streaming import fragment_of
 from ostinato.jsonl import append_jsonl, read_jsonl
 
@@ -423,11 +424,14 @@ class Coordinator:
             return
         state, healed = finished
         keys = [f"round/{number}", *(f"ready/{number}/{name}" for name in self.islands)]
+        shards = int((self.fingerprint or {}).get("shards", 1))
         for attempt, members in state.tried:
             keys += [f"result/{number}/{attempt}/{m}" for m in members]
-            keys += wire.group_keys(f"pg/{number}/{attempt}", len(members))
+            for k in range(shards):
+                keys += wire.group_keys(exchange_group(number, attempt, k, shards), len(members))
         for joiner in healed:
-            keys += wire.group_keys(heal_group(number, *joiner), 2)
+            for k in range(shards):
+                keys += wire.group_keys(heal_shard_group(heal_group(number, *joiner), k, shards), 2)
         self.keys.delete(*keys)
 
     def _abort(self, why: str) -> None:

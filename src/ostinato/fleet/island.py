@@ -22,13 +22,19 @@ import torch.distributed as dist
 from tokenizers import Tokenizer
 from torch import nn
 
-from ostinato.checkpoint.store import CheckpointWriter, latest_good, load_tensors, read_meta
+from ostinato.checkpoint.store import (
+    CheckpointWriter,
+    committed_checkpoints,
+    load_tensors,
+    read_meta,
+    verify,
+)
 from ostinato.config import CheckpointConfig, FleetConfig, ModelConfig, budget_of
 from ostinato.data.stream import TokenStream
 from ostinato.fleet.member import FleetMember, RoundOutcome
+from ostinato.fleet.shards import fleet_checkpoint_dir
 from ostinato.fleet.streaming import InFlight, send_in_background
 from ostinato.hardware import Placement
-from ostinato.train.parallel import pull, push
 
 log = logging.getLogger("ostinato")
 
@@ -71,6 +77,7 @@ def recipe_fingerprint(model: ModelConfig, fleet: FleetConfig, steps: int) -> di
         "outer_momentum": fleet.outer_momentum,
         "fragments": fleet.fragments,
         "warm_start_steps": fleet.warm_start_steps,
+        "shards": fleet.shards,
         "rounds": total_rounds(fleet, steps),
     }
 
@@ -140,8 +147,8 @@ class Timeline(Protocol):
 
 class FleetIsland:
     """One island in a fleet, as its trainer sees it: the member that speaks the fleet protocol
-    (only the leader rank's talks to the coordinator), the rounds it ends, the fleet state its
-    ranks share, and the fleet checkpoints it writes.
+    (only the leader rank's talks to the coordinator; every rank holds its own fleet shards),
+    the rounds it ends, and the fleet checkpoints its ranks write, each of its own shards.
 
     `steps` is train.steps (the run's length, which fixes the rounds and the lr schedule), `out`
     the island's run directory, `recipe` the resolved config written into fleet checkpoints."""
@@ -164,86 +171,97 @@ class FleetIsland:
         self.rounds = total_rounds(cfg, steps)
         self.clock = RoundClock()
         self.group = dist.new_group(backend="gloo") if place.world_size > 1 else None
-        self.writer: CheckpointWriter | None = None  # of fleet checkpoints, once one is due
+        self.writers: dict[int, CheckpointWriter] = {}  # of fleet checkpoints, by shard
         self.events: Timeline | None = None  # the leader's
         self.dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else out.parent / "fleet"
-        # A sharded island trains `shards`; `model` is then its whole copy in host memory, on
-        # which the exchange runs: gathered before each round, scattered into the shards after.
-        self.shards: nn.Module | None = None
+        # every rank: when no donor is left, the fleet checkpoint (fleet/member.py)
+        member.restore_state = lambda: self.restore_shards()
 
     # --- state and checkpoints --------------------------------------------------------------
 
-    def tensor_state(self) -> dict[str, torch.Tensor]:
-        """Outer optimizer and error feedback: the island checkpoint's `outer_optimizer` part."""
-        return {**self.member.outer.state_dict(), **self.member.feedback.state_dict()}
+    def tensor_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Outer state and error feedback of this rank's fleet shards: the island checkpoint's
+        `outer_optimizer` part (by shard name, so it resumes on another rank count)."""
+        return self.member.shards.tensor_state()
 
-    def load_tensor_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.member.outer.load_state_dict(state)
-        self.member.feedback.load_state_dict(state)
+    def load_tensor_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        self.member.shards.load_tensor_state(state)
+
+    def shard_dir(self, shard: int) -> Path:
+        return fleet_checkpoint_dir(self.dir / "checkpoints", shard, self.member.shards.count)
 
     def resume_from_fleet_checkpoint(self) -> bool:
-        """Start from the fleet's latest durable checkpoint, if any (no island checkpoint)."""
-        found = latest_good(self.dir / "checkpoints")
-        if found is None:
-            return False
-        meta = read_meta(found)
-        state = {
-            "outer_optimizer": {k: torch.empty_like(v) for k, v in self.tensor_state().items()}
-        }
-        # Read alone: in a multi-rank island only the leader restores when it (re)joins.
-        load_tensors(found, state, no_dist=True)
-        self.load_tensor_state(state["outer_optimizer"])
-        self.member.outer.load_into(self.model)
-        self.member.round_have = meta["fleet"]["round"]
+        """Start from the fleet's latest durable checkpoint, if any (no island checkpoint).
+        Every rank of the island calls: each restores its shards, then the model takes them."""
+        found = self.restore_shards()
+        if found:
+            self.member.shards.write(self.model, None)
+        return found
+
+    def restore_shards(self) -> bool:
+        """This rank's shards from the newest fleet checkpoint round that every shard has and
+        that verifies in every shard this island owns (the ranks agree on it), with the data
+        position; sets the round held. Whether one was found."""
+        shards, crew = self.member.shards, self.member.crew
+        rounds = [
+            {read_round(p): p for p in committed_checkpoints(self.shard_dir(k))}
+            for k in range(shards.count)
+        ]
+        common = sorted(set.intersection(*(set(r) for r in rounds)), reverse=True)
+        for number in common:
+            good = all(verify(rounds[k][number]) is None for k in shards.mine)
+            if crew.agree(good):
+                self._load_round(number, {k: rounds[k][number] for k in shards.mine}, rounds)
+                return True
+        return False
+
+    def _load_round(self, number: int, mine: dict[int, Path], rounds: list[dict]) -> None:
+        shards = self.member.shards
+        for k, path in mine.items():
+            state = {"outer_optimizer": {f"shard{k}": shards.empty_state(k)}}
+            load_tensors(path, state, no_dist=True)  # read alone: each rank its own shards
+            shards.load_shard(k, state["outer_optimizer"][f"shard{k}"])
+        self.member.round_have = number
+        meta = read_meta(rounds[0][number])
         position = (meta["fleet"].get("data") or {}).get(self.cfg.island)
         if position:
             self.stream.load_state_dict(position)
-        log.info(
-            "fleet: resumed from fleet checkpoint %s (round %d)", found, self.member.round_have
-        )
-        return True
+        log.info("fleet: resumed from fleet checkpoint %s (round %d)", rounds[0][number], number)
 
     def join(self) -> None:
-        """Join the fleet (the leader). An island that comes back after the fleet finished (a
-        late restart) ends with the fleet's final parameters, from the final fleet checkpoint."""
-        member = self.member
-
-        def restore_state() -> int:  # when no donor is left: the fleet checkpoint, else our own
-            self.resume_from_fleet_checkpoint()
-            return member.round_have
-
-        member.restore_state = restore_state
-        member.start(self.model)
-        if member.active:
-            return
-        deadline = time.monotonic() + self.cfg.connect_timeout_s
-        while member.round_have < self.rounds and time.monotonic() < deadline:
-            if not self.resume_from_fleet_checkpoint():
-                time.sleep(0.2)  # the donor writes the final checkpoint just after the commit
-            elif member.round_have < self.rounds:
-                time.sleep(0.2)
+        """Join the fleet: the leader speaks for the island, its other ranks follow it."""
+        if self.place.is_main:
+            self.member.start(self.model)
+        else:
+            self.member.follow_start(self.model)
 
     def _write_fleet_checkpoint(self, outcome: RoundOutcome) -> float:
-        """Start writing the fleet checkpoint of the round just committed, in the background
-        (the island trains on); returns the seconds training stalled. close() waits for it."""
-        if self.writer is None:
-            config = CheckpointConfig(keep=3, async_save=True)
-            self.writer = CheckpointWriter(self.dir / "checkpoints", config, sync_ranks=False)
+        """Start writing the fleet checkpoint of the round just committed, each rank its own
+        shards, in the background (the island trains on); returns the seconds training
+        stalled. close() waits for it."""
         meta = {
             "parts": ["outer_optimizer"],
             "config": self.recipe,
             "fleet": {"round": outcome.round, "data": outcome.data},
             "train_state": {"step": 0},
         }
-        tensors = {"outer_optimizer": self.tensor_state()}
-        stall = self.writer.save(outcome.round, tensors, meta)
+        stall = 0.0
+        for k, state in self.tensor_state().items():
+            shard = int(k.removeprefix("shard"))
+            if shard not in self.writers:
+                config = CheckpointConfig(keep=3, async_save=True)
+                self.writers[shard] = CheckpointWriter(
+                    self.shard_dir(shard), config, sync_ranks=False
+                )
+            tensors = {"outer_optimizer": {k: state}}
+            stall += self.writers[shard].save(outcome.round, tensors, meta)
         log.info("fleet: writing the fleet checkpoint of round %d", outcome.round)
         return stall
 
     def close(self) -> None:
         """Wait for the fleet checkpoint in flight; leave the fleet."""
-        if self.writer is not None:
-            self.writer.wait()
+        for writer in self.writers.values():
+            writer.wait()
         self.member.close()
 
     # --- the inner loop's side --------------------------------------------------------------
@@ -297,25 +315,15 @@ class FleetIsland:
         return bool(every) and (step + 1) % every == 0
 
     def load_global(self) -> None:
-        """The model takes the global parameters of the round the island holds (a roll-back)."""
-        self.member.outer.load_into(self.model)
-        self.scatter()
-
-    def gather(self) -> None:
-        """A sharded island's host copy takes what its ranks trained (every rank calls)."""
-        if self.shards is not None:
-            pull(self.shards, self.model)
-
-    def scatter(self) -> None:
-        """The shards take their rows of the host copy (after a round, a heal, a roll-back)."""
-        if self.shards is not None:
-            push(self.model, self.shards)
+        """The model takes the global parameters of the round the island holds (a roll-back;
+        every rank calls)."""
+        self.member.shards.write(self.model, None)
 
     def sync(self, step: int) -> bool:
         """Take in the round in flight, if any; end this island's round if it is due: the
-        leader syncs with the fleet, in the background with fleet.overlap. True after the last."""
+        leader syncs with the fleet, its other ranks follow, in the background with
+        fleet.overlap. True after the last."""
         clock, member, place = self.clock, self.member, self.place
-        self.gather()
         if clock.in_flight is not None:
             final = self._land()
             if final or not member.round_due(clock.steps, clock.seconds()):
@@ -326,73 +334,52 @@ class FleetIsland:
             overlap = not member.total_rounds or member.round_have + 1 < member.total_rounds
         if self.cfg.overlap > 0 and self.group is not None:
             overlap = agree(overlap, self.group)
+        member.prepare(self.model)  # every rank, its shards (a collective on a sharded model)
+        data, tokens = self.stream.state_dict(), clock.tokens
         if overlap:
-            clock.in_flight = InFlight()
-            if place.is_main:
-                pseudo_gradient = member.pseudo_gradient(self.model)
-                data, tokens = self.stream.state_dict(), clock.tokens
-                clock.in_flight = send_in_background(
-                    lambda: member.exchange(pseudo_gradient, tokens, data)
-                )
+            clock.in_flight = send_in_background(lambda: self._round(tokens, data))
             clock.reset()
             return False
-        outcome = None
-        if place.is_main:
-            wall = time.time()
-            outcome = member.sync(self.model, clock.tokens, self.stream.state_dict())
-            self._record(outcome, wall, wall + outcome.waiting_s)
+        wall = time.time()
+        outcome = self._round(tokens, data)
+        if self.events is not None:
+            self.events.span("waiting", wall, wall + outcome.waiting_s)
         clock.reset()
-        return self._share_round(outcome)
+        return self._take(outcome, wall + outcome.waiting_s)
+
+    def _round(self, tokens: int, data: dict[str, Any]) -> RoundOutcome:
+        """The island's side of one round: the leader's exchange, which it ends for the ranks
+        that followed it, with what the round came to."""
+        member = self.member
+        if not self.place.is_main:
+            ended = member.crew.follow()
+            member.round_have, member.role = ended.pop("round_have"), ended.pop("role")
+            return RoundOutcome(**ended)
+        outcome = member.exchange(tokens, data)
+        ended = dataclasses.asdict(outcome) | {"round_have": member.round_have, "role": member.role}
+        member.crew.end(ended)
+        return outcome
 
     def _land(self) -> bool:
         """Wait for the exchange in flight and merge its result into the model (fleet.mix)."""
         flight, self.clock.in_flight = self.clock.in_flight, None
-        wall = time.time()
-        outcome = flight.land()
-        if outcome is not None:
-            self.member.take(self.model, outcome, self.cfg.mix)
-            self._record(outcome, wall, wall)
-        return self._share_round(outcome)
+        return self._take(flight.land(), time.time(), self.cfg.mix)
 
-    def _record(self, outcome: RoundOutcome, wall: float, waited: float) -> None:
-        """Events of the island's blocking part of a round (`wall` to now), fleet checkpoint."""
+    def _take(self, outcome: RoundOutcome, exchanged: float, mix: float = 0.0) -> bool:
+        """Every rank: the model takes the round's result; the fleet checkpoint if it is this
+        island's to write. Whether the round was the fleet's last."""
+        self.member.take(self.model, outcome, mix)
         if self.events is not None:
-            self.events.span("waiting", wall, waited)
             kind = "exchange" if outcome.committed else "recovery"
-            self.events.span(kind, waited, time.time())
+            self.events.span(kind, exchanged, time.time())
         if outcome.checkpoint_by_me:
             started = time.time()
             stall = self._write_fleet_checkpoint(outcome)
             if self.events is not None:
                 self.events.span("checkpoint", started, started + stall)
+        return outcome.final
 
-    def _share_round(self, outcome: RoundOutcome | None) -> bool:
-        """Inside a multi-rank island the leader syncs; the others take its state. Returns
-        whether the round was the fleet's last."""
-        if self.group is None:
-            return bool(outcome and outcome.final)
-        final = agree(bool(outcome and outcome.final), self.group)
-        self.share_fleet_state()
-        return final
 
-    def share_fleet_state(self) -> None:
-        """Every rank of a multi-rank island takes the leader's fleet state: the round it holds,
-        whether the fleet has finished, the global parameters and outer-optimizer state, and the
-        model's parameters. So a rank's roll-back to the round's global parameters, and its
-        share of an island checkpoint, are the leader's. The fleet state lives in host memory and
-        goes over the island's gloo group; the parameters over the island's own backend."""
-        member, group = self.member, self.group
-        header = torch.tensor([float(member.round_have), float(member.active)], dtype=torch.float64)
-        dist.broadcast(header, 0, group=group)
-        member.round_have = int(header[0].item())
-        if not header[1].item():
-            member.role = "finished"
-        state = self.tensor_state()
-        for tensor in state.values():
-            dist.broadcast(tensor, 0, group=group)
-        self.load_tensor_state(state)
-        # the parameters: the model's over the island's backend, or the host copy over gloo
-        host = self.shards is not None
-        for param in self.model.parameters():
-            dist.broadcast(param.data, 0, group=group if host else None)
-        self.scatter()
+def read_round(path: Path) -> int:
+    """The round of a fleet checkpoint (its directory's step number)."""
+    return int(path.name.removeprefix("step_"))

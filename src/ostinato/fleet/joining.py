@@ -13,17 +13,17 @@ import threading
 import time
 from typing import Any
 
-import torch
 import torch.distributed as dist
 from torch import nn
 
 from ostinato import errors
 from ostinato.config import FleetConfig
 from ostinato.fleet import wire
+from ostinato.fleet.crew import Crew
 from ostinato.fleet.deadlines import collective_timeout_s
 from ostinato.fleet.heartbeat import Heartbeat
 from ostinato.fleet.membership import knock
-from ostinato.fleet.outer import OuterState, digest
+from ostinato.fleet.shards import ShardSet
 
 log = logging.getLogger("ostinato")
 POLL_S = 0.005
@@ -48,7 +48,9 @@ class Joining:
     token: str
     prefix: str
     fingerprint: dict[str, Any]
-    outer: OuterState
+    shards: ShardSet
+    crew: Crew
+    total_rounds: int
     heartbeat: Heartbeat
     keys: wire.Keys | None
     public: wire.Keys
@@ -65,19 +67,49 @@ class Joining:
     serving: threading.Thread | None = None  # a heal being sent in the background
 
     def start(self, model: nn.Module) -> None:
-        """Join the fleet; a joiner is healed by a donor before it trains."""
+        """Join the fleet (the island's leader; its other ranks `follow_start`). A joiner is
+        healed by a donor before it trains; an island that comes back after the fleet finished
+        (a late restart) ends with the fleet's final state, from the final fleet checkpoint.
+        Then every rank's model takes the global parameters if they changed."""
         self._connect()
         # Beats only once admitted: a restarted island's beats must not make its dead
         # predecessor look alive (and so get itself refused as a second island of that name).
         self._knock(reconnect=False)
         self.joined_at = time.time()  # the start's `join` phase ends here (ostinato.startup)
         self.heartbeat.start()
+        load = False
         if self.role == "finished":
             log.info("fleet: the fleet has already finished its run")
+            load = self._catch_up()
         elif self.role == "joiner":
             if self._heal():
                 self.role = "finished"  # healed at the fleet's last round: nothing left to train
-            self.outer.load_into(model)
+            load = True
+        self.crew.end({"load": load, "round_have": self.round_have, "role": self.role})
+        if load:
+            self.shards.write(model, None)
+
+    def follow_start(self, model: nn.Module) -> None:
+        """An island's other ranks, while the leader joins: follow, then take what it took."""
+        joined = self.crew.follow()
+        self.round_have, self.role = joined["round_have"], joined["role"]
+        if joined["load"]:
+            self.shards.write(model, None)
+
+    def _catch_up(self) -> bool:
+        """The fleet has finished: wait for its final fleet checkpoint (written just after
+        the final commit) and restore it; whether anything was restored."""
+        loaded = False
+        deadline = time.monotonic() + self.cfg.connect_timeout_s
+        while self.round_have < self.total_rounds and time.monotonic() < deadline:
+            found = self.crew.run("restore")[0]["found"]
+            loaded = loaded or found
+            if self.round_have < self.total_rounds:
+                time.sleep(0.2)
+        return loaded
+
+    def heal_name(self, round_number: int, nonce: str, joiner: str = "") -> str:
+        return heal_group(round_number, joiner or self.island, nonce)
 
     def _connect(self) -> None:
         store = wire.connect(self.cfg.coordinator, self.cfg.connect_timeout_s)
@@ -91,7 +123,7 @@ class Joining:
             "round_have": self.round_have,
             # which state of that round: a carried-on restore relabels an older state as the
             # last round, so a round number may name two
-            "digest": digest(self.outer.global_params),
+            "digest": self.digest(),
             "reconnect": reconnect,
         }
         for _ in range(3):  # a spent challenge: the coordinator restarted between two steps
@@ -121,7 +153,7 @@ class Joining:
             raise Refused(f"the fleet coordinator sent an outer learning rate of {lr!r}")
         if lr != self.outer.lr:
             log.info("fleet: outer learning rate %g, as the coordinator resolved it", lr)
-        self.outer.set_lr(float(lr))
+        self.crew.run("lr", lr=float(lr))
 
     def _knock_again(self, reply: dict[str, Any]) -> None:
         """Knock until the namesake counts as gone; refused if it is still alive by then."""
@@ -179,46 +211,39 @@ class Joining:
         return restore if restore and self.restored_nonce != self.nonce else None
 
     def _take_heal(self, order: dict[str, Any]) -> bool:
-        """Load the donor's fleet state if its MAC holds; else report the donor."""
-        sealed = self._receive_heal(order)
-        context = ("heal", order["round"], order["donor"], self.island, self.nonce)
-        state = wire.unseal(sealed, self.token, *context)
-        if state is None:
+        """Load the donor's fleet state, shard by shard on every rank, if its MAC holds; else
+        report the donor."""
+        received = self.crew.run(
+            "receive_heal", donor=order["donor"], round=order["round"], nonce=self.nonce
+        )
+        if not all(r["ok"] for r in received):
             log.warning("fleet: the heal from %s failed its MAC; refused", order["donor"])
             self.refused_heal = order["round"]
             report = {"round": order["round"], "donor": order["donor"]}
             self.keys.put(f"healbad/{self.island}/{self.nonce}", report)
             return False
-        self.outer.load_tensor(state.view(torch.float32))
         self.round_have, self.role = order["round"], "member"
         self.fresh = bool(order.get("now"))
         log.info("fleet: healed from %s at round %d", order["donor"], self.round_have)
         return True
 
-    def _receive_heal(self, order: dict[str, Any]) -> torch.Tensor:
-        """The donor's sealed fleet state, as it arrived."""
-        name = heal_group(order["round"], self.island, self.nonce)
-        sealed = torch.empty(self.outer.numel * 2 * 4 + wire.MAC_BYTES, dtype=torch.uint8)
-        group = self._group(name, rank=1, size=2, nbytes=sealed.numel())
-        group.broadcast(sealed, 0).wait()  # parameters and momentum, fp32, then the MAC
-        self.keys.delete(*wire.group_keys(name, 2))  # both ends met: its rendezvous is done
-        return sealed
-
     def _restore(self) -> None:
         """Every member of the last committed round is gone, so nobody can heal this island: load
         the fleet's latest durable state and tell the coordinator which round it is of."""
-        from_round = self.restore_state()
+        from_round = self.crew.run("restore")[0]["round"]
         self.restored_nonce = self.nonce
-        report = {"from_round": from_round, "digest": digest(self.outer.global_params)}
+        report = {"from_round": from_round, "digest": self.digest()}
         self.keys.put(f"restored/{self.island}/{self.nonce}", report)
         log.warning("fleet: no donor alive; restored the fleet state of round %d", from_round)
 
     def serve_asked_heal(self) -> None:
         """Before an inner step: heal a joiner now if the coordinator asked (prompt_heal.py).
         The state is copied here, between steps, and sent from a thread: the island trains on,
-        and its fleet state changes only at its next commit, after this round's exchange."""
+        and its fleet state changes only at its next commit, after this round's exchange.
+        An island of several ranks does not: its shards are on ranks busy training (it heals
+        the joiner at its next commit, which the coordinator falls back to)."""
         now = time.monotonic()
-        if self.keys is None or now - self.asked_read_at < ASKED_POLL_S:
+        if self.keys is None or self.crew.ranks > 1 or now - self.asked_read_at < ASKED_POLL_S:
             return
         self.asked_read_at = now
         asked = self.read_quietly(f"healnow/{self.island}")
@@ -229,9 +254,9 @@ class Joining:
         order = {"round": self.round_have, "donor": self.island, "final": False, "now": True}
         self.keys.put(f"heal/{heal['island']}/{heal['nonce']}", order)
         self.keys.bump(wire.ORDERS)  # the joiner waits for this order, not only the coordinator's
-        state = self.outer.as_tensor().clone()
+        states = {k: self.shards.outer[k].as_tensor().clone() for k in self.shards.mine}
         self.serving = threading.Thread(
-            target=self._send_heal, args=(heal, self.round_have, state), daemon=True
+            target=self._send_heal, args=(heal, self.round_have, states), daemon=True
         )
         self.serving.start()
 
@@ -253,17 +278,7 @@ class Joining:
         order = {"round": round_number, "donor": self.island, "final": final}
         self.keys.put(f"heal/{heal['island']}/{heal['nonce']}", order)
         self.keys.bump(wire.ORDERS)  # the joiner waits for this order, not only the coordinator's
-        self._send_heal(heal, round_number, self.outer.as_tensor())
-
-    def _send_heal(self, heal: dict[str, Any], round_number: int, state: torch.Tensor) -> None:
-        context = ("heal", round_number, self.island, heal["island"], heal["nonce"])
-        sealed = wire.seal(state.view(torch.uint8), self.token, *context)
-        try:
-            name = heal_group(round_number, heal["island"], heal["nonce"])
-            group = self._group(name, rank=0, size=2, nbytes=sealed.numel())
-            group.broadcast(sealed, 0).wait()
-        except RuntimeError as exc:  # the joiner died: it will knock again
-            log.warning("fleet: healing %s failed (%s)", heal["island"], exc)
+        self.crew.run("send_heal", island=heal["island"], nonce=heal["nonce"], round=round_number)
 
     def _group(self, name: str, rank: int, size: int, nbytes: float = 0) -> dist.ProcessGroup:
         """A gloo group of its own for one transfer of `nbytes` into this member, with a timeout

@@ -161,8 +161,15 @@ class LocalFleet:
         return first.removeprefix("coordinator on ")
 
     def _fleet_overrides(self) -> list[str]:
-        """The whole recipe: the coordinator checks every island's model and rounds against it."""
-        return [f"--fleet.expect={len(self.names)}", *(f"--{o}" for o in self.overrides)]
+        """The whole recipe: the coordinator checks every island's model and rounds against it.
+        Islands of several ranks cut the fleet state into as many shards as the largest has
+        ranks (fleet/shards.py), unless the recipe's overrides say how many."""
+        shards = (
+            [] if max(self.ranks.values()) == 1 else [f"fleet.shards={max(self.ranks.values())}"]
+        )
+        if any(o.startswith("fleet.shards=") for o in self.overrides):
+            shards = []
+        return [f"--fleet.expect={len(self.names)}", *(f"--{o}" for o in shards + self.overrides)]
 
     def island_command(self, name: str, address: str) -> list[str]:
         command = [sys.executable, "-m", "ostinato", "train", "--config", str(self.config)]
@@ -171,7 +178,7 @@ class LocalFleet:
             launcher += [f"--nproc_per_node={self.ranks[name]}", "--max-restarts=0"]
             command = [*launcher, *command[1:]]
         command += ["--out", str(self.out / name), "--resume", self.resume]
-        command += [f"--{o}" for o in self.overrides]
+        command += self._fleet_overrides()[1:]
         command += [f"--fleet.coordinator={address}", f"--fleet.island={name}"]
         command += [f"--{o}" for o in self.per_island.get(name, [])]
         return command

@@ -11,19 +11,19 @@ fleet.fragments > 1 a round carries one fragment of the parameters (fleet/stream
 from __future__ import annotations
 
 import logging
-import threading
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 import torch.distributed as dist
 from torch import nn
 
 from ostinato.config import FleetConfig, GuardsConfig, budget_of
 from ostinato.fleet import wire
-from ostinato.fleet.compress import ErrorFeedback, from_bytes, message_bytes, pack, unpack
+from ostinato.fleet.compress import message_bytes
+from ostinato.fleet.crew import Crew
 from ostinato.fleet.deadlines import LinkRate
 from ostinato.fleet.guards import pseudo_gradient_outliers
 from ostinato.fleet.heartbeat import Heartbeat
@@ -34,6 +34,8 @@ from ostinato.fleet.joining import (  # noqa: F401 (Refused: public)
     Refused,
 )
 from ostinato.fleet.outer import OuterState
+from ostinato.fleet.shard_ops import ShardOps
+from ostinato.fleet.shards import ShardSet, island_digest
 from ostinato.fleet.streaming import fragment_of
 
 log = logging.getLogger("ostinato")
@@ -52,21 +54,46 @@ class RoundOutcome:
     data: dict[str, Any] | None = None  # every member's data position, for the fleet checkpoint
 
 
-class FleetMember(Joining):
+def keep(
+    opened: list[dict[str, Any]], members: list[str], outlier_ratio: float
+) -> tuple[list[str], list[str], list[str]]:
+    """Whose pseudo-gradients a round averages, from every rank's report of its shards
+    (shard_ops.py): not those refused for a bad MAC in any shard, nor those whose norm over
+    all shards is an outlier. Returns (used, excluded as outliers, refused), in member order."""
+    refused = [m for m in members if any(m in r["refused"] for r in opened)]
+    kept = [m for m in members if m not in refused]
+    norms = [math.sqrt(sum(r["squares"].get(m, 0.0) for r in opened)) for m in kept]
+    left_out = pseudo_gradient_outliers(norms, outlier_ratio)
+    if len(left_out) == len(kept):
+        left_out = []  # nothing to compare against: let the digest guard judge
+    excluded = [kept[i] for i in left_out]
+    return [m for m in kept if m not in excluded], excluded, refused
+
+
+class FleetMember(Joining, ShardOps):
+    """One island's member of the fleet. Every rank of the island builds one (`rank` of
+    `ranks`): each holds its own fleet shards (fleet/shards.py); only the leader's (rank 0)
+    talks to the coordinator, and runs each step that touches fleet state on all of them
+    through its crew (fleet/crew.py)."""
+
     def __init__(
         self,
         cfg: FleetConfig,
         model: nn.Module,
         fingerprint: dict[str, Any],
         guards: GuardsConfig | None = None,
+        rank: int = 0,
+        ranks: int = 1,
     ):
         self.cfg, self.fingerprint = cfg, fingerprint
         self.guards = guards or GuardsConfig()
         self.island = cfg.island
         self.token = wire.fleet_token(cfg.token)
         self.prefix = wire.namespace(self.token)
-        self.outer = OuterState(model, cfg)
-        self.feedback = ErrorFeedback(self.outer.numel, cfg.compression, cfg.block)
+        self.keys: wire.Keys | None = None
+        self.crew = Crew(rank, ranks, self.handle)
+        self.shards = ShardSet(model, cfg, rank, ranks, self.crew.group)
+        self.opened = {}  # shard -> the payloads of the round being exchanged
         # Called after each exchange with (perf_counter at its start, bytes out, bytes in): the
         # `link` fault sets it to sleep as a slower link would (fleet/link.py); by default nothing.
         self.pad_exchange: Callable[[float, int, int], None] = lambda started, out, back: None
@@ -77,17 +104,34 @@ class FleetMember(Joining):
         self.round_have = 0  # last committed round whose global state this island holds
         self.role = "member"
         self.nonce = ""
-        # Loads the fleet's latest durable state when no donor is left (island.py sets it to
-        # read the fleet checkpoint); returns the round that state is of. By default the island
-        # keeps the state its own checkpoint gave it.
-        self.restore_state = lambda: self.round_have
+        # Loads the fleet's latest durable state into this rank's shards when no donor is left
+        # (island.py sets it to read the fleet checkpoint; every rank of the island runs it) and
+        # sets round_have; returns whether there was one. By default the island keeps the state
+        # its own checkpoint gave it.
+        self.restore_state: Callable[[], bool] = lambda: False
         self.restored_nonce = self.carried_nonce = ""
         self.status_read_at = 0.0  # when _forgotten last read the coordinator's status
         self.refused_heal = 0  # the round of the last heal order whose payload failed its MAC
         self.device: dist.ProcessGroupGloo.Device | None = None  # gloo's, for every group
-        self.keys: wire.Keys | None = None
         self.heartbeat = Heartbeat(cfg, self.island, self.token)
         self.link_rate = LinkRate()  # of the last exchange: deadlines follow it if it is slow
+
+    @property
+    def outer(self) -> OuterState | None:
+        """The outer state of this rank's first shard (of the whole model when the fleet state
+        is not cut: fleet.shards = 1); None on a rank that holds no shard."""
+        return self.shards.outer[self.shards.mine[0]] if self.shards.mine else None
+
+    @property
+    def feedback(self):
+        return self.shards.feedback[self.shards.mine[0]] if self.shards.mine else None
+
+    def digest(self) -> str:
+        """The island's digest of its global parameters: of every shard, on every rank."""
+        held: dict[int, str] = {}
+        for result in self.crew.run("digests"):
+            held |= {int(k): d for k, d in result["digests"].items()}
+        return island_digest([held[k] for k in range(self.shards.count)])
 
     @property
     def active(self) -> bool:
@@ -125,8 +169,10 @@ class FleetMember(Joining):
         return self.island in hurry.get("islands", [])
 
     def sync(self, model: nn.Module, tokens: int, data: dict[str, Any]) -> RoundOutcome:
-        """Take part in the next round until it commits, then take its result into the model."""
-        outcome = self.exchange(self.pseudo_gradient(model), tokens, data)
+        """Take part in the next round until it commits, then take its result into the model
+        (an island of one rank; fleet/island.py runs the steps for several)."""
+        self.prepare(model)
+        outcome = self.exchange(tokens, data)
         self.take(model, outcome)
         return outcome
 
@@ -134,11 +180,12 @@ class FleetMember(Joining):
         """What round `number` synchronises (fleet/streaming.py)."""
         return fragment_of(number, self.cfg.fragments, self.total_rounds, self.warm_rounds)
 
-    def pseudo_gradient(self, model: nn.Module) -> torch.Tensor:
-        """This island's pseudo-gradient for its next round: that round's fragment."""
-        return self.outer.pseudo_gradient(model, self.fragment(self.round_have + 1))
+    def prepare(self, model: nn.Module) -> None:
+        """Every rank: keep its shards' pseudo-gradients of the next round's fragment (a
+        collective on a sharded model)."""
+        self.shards.prepare(model, self.fragment(self.round_have + 1))
 
-    def exchange(self, pseudo_gradient, tokens: int, data: dict[str, Any]) -> RoundOutcome:
+    def exchange(self, tokens: int, data: dict[str, Any]) -> RoundOutcome:
         """Take part in the next round until it commits (retrying attempts as members fail).
         Touches no model, so it can run while the island trains on (fleet.overlap).
 
@@ -146,32 +193,32 @@ class FleetMember(Joining):
         """
         while True:
             try:
-                return self._sync_once(pseudo_gradient, tokens, data)
+                return self._sync_once(tokens, data)
             except (dist.DistNetworkError, dist.DistStoreError) as exc:
                 log.warning("fleet: lost the coordinator (%s); reconnecting", str(exc)[:120])
-                self.outer.abort()
+                self.crew.run("abort")
                 self._connect()
                 self._knock(reconnect=True)
                 if self.role != "member":
-                    return self._rejoin(pseudo_gradient)
+                    return self._rejoin()
 
     def take(self, model: nn.Module, outcome: RoundOutcome, mix: float = 0.0) -> None:
         """The model takes the round's global parameters: the fragment it synchronised, merged
-        as local = mix * local + (1 - mix) * global; or all of them after a heal."""
+        as local = mix * local + (1 - mix) * global; or all of them after a heal. Every rank of
+        the island calls (each slice comes from the rank that owns it)."""
         if outcome.reload == "fragment":
-            self.outer.merge_into(model, outcome.fragment, mix)
+            self.shards.write(model, outcome.fragment, mix)
         elif outcome.reload == "all":
-            self.outer.load_into(model)
+            self.shards.write(model, None)
 
-    def _sync_once(self, pseudo_gradient, tokens: int, data: dict[str, Any]) -> RoundOutcome:
+    def _sync_once(self, tokens: int, data: dict[str, Any]) -> RoundOutcome:
         self.heartbeat.status["state"] = "syncing"
         self.heal_sent()  # a heal served mid-round uses the gloo device too: let it finish
         number = self.round_have + 1
-        assert pseudo_gradient.numel() == self.outer.size(self.fragment(number))
         ready = {"tokens": tokens, "data": data, "nonce": self.nonce}
-        # what the coordinator's exchange deadline allows for (fleet/deadlines.py)
-        size = self.outer.size(self.fragment(number))
-        ready |= {"bytes": message_bytes(size, self.compression(number), self.cfg.block)}
+        # what the coordinator's exchange deadline allows for (fleet/deadlines.py): the largest
+        # shard's, which its owners send on a connection of their own
+        ready |= {"bytes": self._largest_payload(number)}
         ready |= {"rate": self.link_rate.bytes_per_s}
         self.keys.put(f"ready/{number}/{self.island}", ready)
         self.heartbeat.news()
@@ -185,18 +232,18 @@ class FleetMember(Joining):
             order = self.keys.get(f"heal/{self.island}/{self.nonce}")
             if order and order["round"] > max(self.round_have, self.refused_heal):
                 log.warning("fleet: the coordinator found this island behind the fleet")
-                return self._rejoin(pseudo_gradient)
+                return self._rejoin()
             without_us = record and self.island not in record["members"]
             if (without_us and record.get("decision") == "commit") or self._forgotten(
                 record, number
             ):
                 log.warning("fleet: round %d committed without this island", number)
                 self._knock(reconnect=True)
-                return self._rejoin(pseudo_gradient)
+                return self._rejoin()
             if record and record["attempt"] > tried and self.island in record["members"]:
                 if record.get("decision") is None:
                     waiting_s = time.perf_counter() - waited
-                    outcome = self._attempt(pseudo_gradient, tokens, number, record)
+                    outcome = self._attempt(tokens, number, record)
                     if outcome is not None:
                         outcome.waiting_s += waiting_s
                         return outcome
@@ -213,27 +260,19 @@ class FleetMember(Joining):
         self.status_read_at = now
         return self.keys.get("status", {}).get("last_committed", 0) >= number
 
-    def _attempt(self, pseudo_gradient, tokens, number, record) -> RoundOutcome | None:
+    def _attempt(self, tokens: int, number: int, record) -> RoundOutcome | None:
         attempt, members = record["attempt"], record["members"]
-        fragment = self.fragment(number)
         started = time.perf_counter()
-        if self.warm(number):  # exact, so no quantization error to feed back
-            packed = pack(pseudo_gradient, "fp32", self.cfg.block)
-        else:
-            packed = self.feedback.compress(pseudo_gradient, self.outer.span(fragment)[0])
-        count = torch.tensor([float(tokens)], dtype=torch.float64).view(torch.uint8)
-        context = ("pseudo-gradient", number, attempt)  # and the sender: bound to this attempt
-        mine = wire.seal(torch.cat([packed.to_bytes(), count]), self.token, *context, self.island)
-        assert mine.numel() == message_bytes(packed.numel, packed.kind, self.cfg.block)
+        result = {"ok": False, "digest": None, "bytes_sent": 0, "tokens": tokens}
+        args = {"number": number, "attempt": attempt, "members": members, "tokens": tokens}
         try:
-            gathered = self._all_gather_unless_aborted(mine, number, attempt, members)
+            opened = self.crew.run("open", **args)  # every rank, its own shards (shard_ops.py)
         except RuntimeError as exc:  # a peer died or stalled: report, then retry with survivors
             log.warning("fleet: round %d attempt %d failed: %s", number, attempt, str(exc)[:200])
-            gathered = None
-        result = {"ok": False, "digest": None, "bytes_sent": 0, "tokens": tokens}
-        if gathered is not None:
-            result = self._step_on(gathered, members, context, number)
-            result.update(bytes_sent=mine.numel() * (len(members) - 1), tokens=tokens)
+            opened = None
+        if opened is not None:
+            result = self._step_on(opened, members, number)
+            result.update(bytes_sent=sum(r["bytes_sent"] for r in opened), tokens=tokens)
         exchange_s = time.perf_counter() - started
         self.keys.put(
             f"result/{number}/{attempt}/{self.island}", {**result, "exchange_s": exchange_s}
@@ -241,17 +280,16 @@ class FleetMember(Joining):
         self.heartbeat.news()
         decision = self._wait_for(lambda: self._decision(number, attempt), "decision", 3600.0)
         if decision.get("decision") != "commit":
-            self.outer.abort()
+            self.crew.run("abort")
             time.sleep(min(1.0, 0.05 * (attempt + 1)))  # back off before the retry
             return None
         if self.island not in decision["members"]:
             return self._quarantined(decision, number)
-        self.outer.commit()
+        # a round whose work of this island was left out does not carry its error on
+        self.crew.run(
+            "commit", keep_error=self.island not in result["excluded"] + result["refused"]
+        )
         self.fresh = False
-        if self.island in result["excluded"] + result["refused"]:
-            self.feedback.reset()  # this round's work was left out: do not carry its error
-        else:
-            self.feedback.commit()
         self.round_have = number
         for heal in decision.get("heal", []):
             if heal["donor"] == self.island:
@@ -263,30 +301,36 @@ class FleetMember(Joining):
             exchange_s=exchange_s,
             checkpoint_by_me=decision.get("checkpoint_by") == self.island,
             data=decision.get("data"),
-            fragment=fragment,
+            fragment=self.fragment(number),
             reload="fragment",
         )
 
-    def _step_on(self, gathered, members: list[str], context: tuple, number: int):
-        """The tentative outer step of round `number` on the payloads whose MAC holds. A payload
-        that fails it was changed on its way: its sender is refused (left out, reported as its
-        fault). A warm-start round's step is the plain average."""
-        opened = [
-            wire.unseal(raw, self.token, *context, sender)
-            for raw, sender in zip(gathered, members, strict=True)
-        ]
-        refused = [m for m, payload in zip(members, opened, strict=True) if payload is None]
+    def _step_on(self, opened: list[dict[str, Any]], members: list[str], number: int):
+        """The tentative outer step of round `number`, on every rank's shards, with the
+        payloads whose MAC holds (`opened`: each rank's report of its shards). A payload that
+        fails it was changed on its way: its sender is refused (left out, reported as its
+        fault). A pseudo-gradient whose norm (over all shards) is an outlier is left out."""
+        use, excluded, refused = keep(opened, members, self.guards.outlier_ratio)
         if refused:
-            log.warning("fleet: %s: refused the payload of %s (bad MAC)", context, refused)
-        kept = [m for m in members if m not in refused]
-        payloads = [payload for payload in opened if payload is not None]
-        fragment = self.fragment(number)
-        averaged, excluded = self._average(payloads, kept, fragment, self.compression(number))
-        if self.warm(number):
-            digest = self.outer.tentative_average(averaged)
-        else:
-            digest = self.outer.tentative_step(averaged, fragment)
-        return {"ok": True, "digest": digest, "excluded": excluded, "refused": refused}
+            log.warning("fleet: round %d: refused the payload of %s (bad MAC)", number, refused)
+        held: dict[int, str] = {}
+        for result in self.crew.run("step", number=number, use=use):
+            held |= {int(k): d for k, d in result["digests"].items()}
+        shard_digests = [held[k] for k in range(self.shards.count)]
+        digest = island_digest(shard_digests)
+        result = {"ok": True, "digest": digest, "excluded": excluded, "refused": refused}
+        return result | ({"shard_digests": shard_digests} if len(shard_digests) > 1 else {})
+
+    def _largest_payload(self, number: int) -> int:
+        """Bytes the busiest rank of this island sends in round `number` (its shards, one
+        after the other): what the coordinator's exchange deadline allows for."""
+        fragment, kind, shards = self.fragment(number), self.compression(number), self.shards
+        per_rank = [0] * shards.ranks
+        for k in range(shards.count):
+            size = shards.fragment_size(k, fragment)
+            if size:
+                per_rank[k % shards.ranks] += message_bytes(size, kind, self.cfg.block)
+        return max(per_rank)
 
     def _decision(self, number: int, attempt: int) -> dict[str, Any] | None:
         record = self.keys.get(f"round/{number}")
@@ -296,86 +340,20 @@ class FleetMember(Joining):
             return {"decision": "abort"}
         return record if record.get("decision") else None
 
-    def _all_gather_unless_aborted(self, mine, number: int, attempt: int, members: list[str]):
-        """The all-gather, given up as soon as the coordinator aborts the attempt.
-
-        A member that died before joining leaves the others blocked in gloo's rendezvous until
-        the collective timeout; the coordinator notices it within the heartbeat timeout, so the
-        survivors retry that much sooner. The abandoned thread ends at gloo's own timeout."""
-        outcome: dict[str, Any] = {}
-
-        def gather() -> None:
-            try:
-                outcome["gathered"] = self._all_gather(mine, number, attempt, members)
-            except RuntimeError as exc:
-                outcome["error"] = exc
-
-        worker = threading.Thread(target=gather, daemon=True, name="ostinato-exchange")
-        worker.start()
-        orders = wire.Watch(self.keys, wire.ORDERS)
-        while worker.is_alive():
-            worker.join(POLL_S * 10)
-            if not (worker.is_alive() and orders.moved()):
-                continue
-            if self._decision(number, attempt) is not None:
-                raise RuntimeError(f"the coordinator ended round {number} attempt {attempt}")
-        if "error" in outcome:
-            raise outcome["error"]
-        return outcome["gathered"]
-
-    def _all_gather(self, mine: torch.Tensor, number: int, attempt: int, members: list[str]):
-        """Every member's packed pseudo-gradient, in member order, over the (shaped) link."""
-        traffic = mine.numel() * (len(members) - 1)
-        position = members.index(self.island)
-        group = self._group(f"pg/{number}/{attempt}", position, len(members), traffic)
-        gathered = [torch.empty_like(mine) for _ in members]
-        started = time.perf_counter()
-        group.allgather([gathered], [mine]).wait()
-        self.pad_exchange(started, traffic, traffic)
-        self.link_rate.measured(traffic, time.perf_counter() - started)
-        return gathered
-
-    def _average(
-        self,
-        gathered: list[torch.Tensor],
-        members: list[str],
-        fragment: int | None = None,
-        kind: str | None = None,
-    ) -> tuple[torch.Tensor, list[str]]:
-        """Token-weighted mean of the pseudo-gradients (of `fragment`; None: everything) that
-        pass the outlier guard, summed in member order so every member gets the same bits; and
-        the members left out."""
-        numel, cfg = self.outer.size(fragment), self.cfg
-        kind = kind or cfg.compression
-        weights = [float(raw[-8:].clone().view(torch.float64)) for raw in gathered]
-        peers = [
-            unpack(from_bytes(raw[:-8], numel, kind, cfg.block), cfg.block) for raw in gathered
-        ]
-        norms = [float(p.double().norm()) for p in peers]
-        left_out = pseudo_gradient_outliers(norms, self.guards.outlier_ratio)
-        if len(left_out) == len(peers):
-            left_out = []  # nothing to compare against: let the digest guard judge
-        total = sum(w for i, w in enumerate(weights) if i not in left_out) or 1.0
-        averaged = torch.zeros(numel)
-        for i, (peer, weight) in enumerate(zip(peers, weights, strict=True)):
-            if i not in left_out:
-                averaged += (weight / total) * peer
-        return averaged, [members[i] for i in left_out]
-
     def _quarantined(self, decision: dict[str, Any], number: int) -> RoundOutcome:
         """The fleet committed the round without this island: its global state disagreed with
         the majority's (silent corruption). Drop this round's work and take a donor's state."""
         log.warning("fleet: quarantined in round %d; healing from a donor", number)
-        self.outer.abort()
-        self.feedback.reset()  # the residual may hold the corruption too
+        self.crew.run("abort")
+        self.crew.run("reset")  # the residual may hold the corruption too
         self._heal()
         return RoundOutcome(committed=False, final=decision.get("final", False), round=number)
 
-    def _rejoin(self, pseudo_gradient) -> RoundOutcome:
+    def _rejoin(self) -> RoundOutcome:
         """This island is behind the fleet: keep its work for its next round, get healed."""
         number = self.round_have + 1
         if not self.warm(number):  # a warm-start step missed is lost: the heal brings the average
-            self.feedback.carry(pseudo_gradient, self.outer.span(self.fragment(number))[0])
+            self.crew.run("carry", number=number)
         if self.role == "finished":
             return RoundOutcome(committed=False, final=True, round=self.round_have, reload="")
         final = self._heal()  # healed at the last round: the run is over for this island too

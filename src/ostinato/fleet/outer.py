@@ -58,12 +58,35 @@ def digest(flat: torch.Tensor) -> str:
 
 
 class OuterState:
+    """The outer state of a whole model, or (`of_range`) of one fleet shard of it."""
+
     def __init__(self, model: nn.Module, cfg: FleetConfig):
         sizes = [p.numel() for p in unique_parameters(model)]
         self.cuts = fragment_cuts(sizes, cfg.fragments)  # tensor index where each one starts
         offsets = [sum(sizes[:cut]) for cut in self.cuts]
-        self.bounds = list(zip(offsets[:-1], offsets[1:], strict=True))  # flat [lo, hi)
-        self.global_params = flatten(model)
+        self._setup(flatten(model), list(zip(offsets[:-1], offsets[1:], strict=True)), cfg)
+
+    @classmethod
+    def of_range(
+        cls,
+        values: torch.Tensor,
+        bounds: list[tuple[int, int]],
+        cfg: FleetConfig,
+        cuts: list[int] | None = None,
+    ) -> OuterState:
+        """The outer state of a range of the flat parameters (a fleet shard, fleet/shards.py):
+        `values` its global parameters, `bounds` each fragment's [lo, hi) within it (empty
+        where a fragment lies outside). fleet/shards.py moves values between it and the model;
+        the methods that take a model work only on a range that is the whole model (`cuts`,
+        the tensor index where each fragment starts)."""
+        state = cls.__new__(cls)
+        state.cuts = cuts
+        state._setup(values.clone(), bounds, cfg)
+        return state
+
+    def _setup(self, values: torch.Tensor, bounds: list[tuple[int, int]], cfg: FleetConfig):
+        self.bounds = bounds  # flat [lo, hi) of each fragment
+        self.global_params = values
         self.parts = [nn.Parameter(self.global_params[lo:hi]) for lo, hi in self.bounds]
         momentum = cfg.outer_momentum
         self.optimizer = torch.optim.SGD(

@@ -42,15 +42,19 @@ class RoundGuards:
             return list(results)  # without the guard a disagreement goes unnoticed
         order = [*last_members, *sorted(results)]
         kept = fleet_digest(digests, order, suspects)
+        keeper = next(m for m in order if digests.get(m) == kept)
         for name, digest in digests.items():
             if digest != kept:
+                shards = differing_shards(results[name], results[keeper])
+                where = f" (fleet shards {shards})" if shards else ""
                 self.guard_log.fire(
                     "digest",
                     name,
                     "quarantined and healed from a donor",
                     f"round {self.round.number}: island {name}'s global digest {digest} is not "
-                    f"the fleet's {kept}",
+                    f"the fleet's {kept}{where}",
                     round=self.round.number,
+                    shards=shards,
                 )
         return [m for m in self.round.members if digests[m] == kept]
 
@@ -87,6 +91,15 @@ class RoundGuards:
             )
 
 
+def differing_shards(result: dict[str, Any], reference: dict[str, Any]) -> list[int]:
+    """The fleet shards whose digests differ between two members' results (empty when the
+    fleet state is not cut, or a result does not say)."""
+    mine, theirs = result.get("shard_digests") or [], reference.get("shard_digests") or []
+    if len(mine) != len(theirs):
+        return []
+    return [k for k, (a, b) in enumerate(zip(mine, theirs, strict=True)) if a != b]
+
+
 def round_record(
     number: int,
     attempt: int,
@@ -107,5 +120,6 @@ def round_record(
         "excluded": sorted({m for r in results.values() for m in r.get("excluded", [])}),
         "refused": sorted({m for r in results.values() for m in r.get("refused", [])}),
         "quarantined": quarantined,
+        "shards": len(results[members[0]].get("shard_digests") or [0]),
         "time": time.time(),
     }

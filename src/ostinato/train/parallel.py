@@ -118,25 +118,6 @@ def shard_rows(param: torch.Tensor) -> tuple[torch.Tensor, int]:
     return param.to_local(), min(position * chunk, param.shape[0])
 
 
-def host_copy(sharded: Llama, model_cfg: ModelConfig) -> Llama:
-    """A whole copy of a sharded model in host memory, for what needs every parameter at once
-    (a fleet island's exchange, fleet/island.py). A collective: every rank gathers. Only its
-    parameters are filled: it never runs (its rotary tables stay empty)."""
-    with torch.device("meta"):
-        host = Llama(model_cfg)
-    host.to_empty(device="cpu")
-    pull(sharded, host)
-    return host
-
-
-def pull(sharded: nn.Module, host: nn.Module) -> None:
-    """The host copy takes the sharded model's values, one gathered parameter at a time (a
-    collective: every rank of the island calls)."""
-    with torch.no_grad():
-        for whole, part in zip(host.parameters(), sharded.parameters(), strict=True):
-            whole.copy_(part.full_tensor())
-
-
 def push(host: nn.Module, sharded: nn.Module) -> None:
     """Each rank's shards take their rows of the host copy (no communication)."""
     with torch.no_grad():

@@ -29,6 +29,8 @@ def print_result(result: TrainResult) -> None:
         "world_size": result.world_size,
         "state_bytes_per_rank": result.state_bytes,  # rank 0's, from its tensors' storage
     }
+    if result.fleet_state_bytes is not None:  # each rank's share of the fleet state
+        summary["fleet_state_bytes_per_rank"] = result.fleet_state_bytes
     (result.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     if result.goodput is not None:
         render_table(result.goodput, console)

@@ -30,7 +30,7 @@ from ostinato.model.llama import Llama
 from ostinato.startup import StartupClock
 from ostinato.train.guards import LossSpikeGuard, NonFiniteGuard
 from ostinato.train.metrics import EventLog
-from ostinato.train.parallel import build_model, host_copy, push, replicate, strategy_of
+from ostinato.train.parallel import build_model, is_sharded, push, replicate, strategy_of
 
 log = logging.getLogger("ostinato")
 TOKENIZER_FILE = "tokenizer.json"
@@ -93,12 +93,8 @@ def build_state(
     clock.mark("data")
     strategy = strategy_of(cfg.parallel, place.world_size, in_fleet=bool(cfg.fleet.coordinator))
     model = build_model(cfg.parallel, cfg.model, cfg.train.seed, place, strategy)
-    # the fleet's exchange works on whole parameters: a sharded island keeps a host copy
-    whole = host_copy(model, cfg.model) if cfg.fleet.coordinator and strategy == "fsdp" else model
     if warm is not None and resume_from is None:
-        start_from(whole, cfg, warm)
-        if whole is not model:
-            push(whole, model)
+        start_from(model, cfg, warm)
     optimizer = make_optimizer(model, cfg.train)
     init_optimizer_state(model, optimizer)
     guards = NonFiniteGuard(cfg.guards), LossSpikeGuard(cfg.guards)
@@ -108,24 +104,20 @@ def build_state(
     if cfg.fleet.coordinator:
         started = checkpoint_id(warm) if warm is not None else ""
         prints = fingerprint(cfg.model, cfg.fleet, cfg.train.steps, tokenizer, started)
-        member = FleetMember(cfg.fleet, whole, prints, cfg.guards)
+        # each rank holds its own fleet shards (fleet/shards.py), taken from the model
+        member = FleetMember(cfg.fleet, model, prints, cfg.guards, place.rank, place.world_size)
         sections = cfg.fleet, cfg.checkpoint, cfg.train.steps
-        state.fleet = FleetIsland(*sections, member, whole, stream, place, out, cfg.to_dict())
-        state.fleet.shards = model if whole is not model else None
+        state.fleet = FleetIsland(*sections, member, model, stream, place, out, cfg.to_dict())
     if resume_from is not None:
         resume_state(cfg, state, resume_from)
-        if state.fleet is not None:
-            state.fleet.gather()  # a sharded island's host copy takes the resumed shards
     elif state.fleet is not None and resume != "none":
         state.fleet.resume_from_fleet_checkpoint()
     clock.mark("checkpoint")
-    if state.fleet is not None and place.is_main:
-        state.fleet.join()
+    if state.fleet is not None:
+        state.fleet.join()  # the leader joins; the island's other ranks follow it
         if state.fleet.member.joined_at is not None:
             clock.mark("join", state.fleet.member.joined_at)
         clock.mark("heal")
-    if state.fleet is not None and place.world_size > 1:
-        state.fleet.share_fleet_state()  # the leader may have been healed, or finished
     state.step_model = replicate(model, place, strategy)
     if cfg.train.compile:
         state.step_model = torch.compile(state.step_model)
@@ -171,7 +163,10 @@ def start_from(model: Llama, cfg: Config, checkpoint: Path) -> None:
     ]
     if differing:
         raise ValueError(f"fleet.warm_start {checkpoint} has another model: {', '.join(differing)}")
-    model.load_state_dict(trained.model.state_dict())
+    if is_sharded(model):
+        push(trained.model, model)  # each rank its own rows
+    else:
+        model.load_state_dict(trained.model.state_dict())
     log.info("warm start: every island starts from %s", checkpoint)
 
 

@@ -56,6 +56,7 @@ class TrainResult:
     strategy: str = "single"  # how the island's ranks shared the model
     world_size: int = 1
     state_bytes: int = 0  # parameters, gradients and optimizer state held by this rank
+    fleet_state_bytes: list[int] | None = None  # of each rank, in a fleet (fleet/shards.py)
 
 
 def train(
@@ -144,7 +145,21 @@ def _train(
     held = state_bytes(state.model, state.optimizer, state.gradient_bytes)
     result = TrainResult(out, state.step, final_loss, digest, evaluation, goodput)
     result.strategy, result.world_size, result.state_bytes = state.strategy, place.world_size, held
+    if state.fleet is not None:
+        member = state.fleet.member
+        result.fleet_state_bytes = fleet_state_bytes(member.shards.held_bytes(), member.crew.group)
     return result
+
+
+def fleet_state_bytes(mine: int, group: dist.ProcessGroup | None) -> list[int]:
+    """Bytes of fleet state (global parameters, outer momentum, residual) each rank of the
+    island holds, in rank order, from the tensors (a collective over the island's gloo group,
+    fleet/crew.py, on several ranks)."""
+    if group is None:
+        return [mine]
+    held = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(held, torch.tensor([mine], dtype=torch.int64), group=group)
+    return [int(h.item()) for h in held]
 
 
 def autocast_dtype(cfg: TrainConfig, place: Placement) -> torch.dtype | None:
