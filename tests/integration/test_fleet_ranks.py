@@ -72,24 +72,25 @@ def test_a_wrong_ranks_list_is_refused_before_anything_starts(tmp_path, ranks):
 
 
 def test_a_flipped_bit_in_one_fleet_shard_is_found_by_its_digest_and_healed(tmp_path):
-    """A 2-rank FSDP island and a 1-rank island, 2 fleet shards: a bit of a's global state
-    flips after round 2 (in the leader's shard, 0). The next round's digests differ in that
-    shard only; the digest guard names it, quarantines a, and a donor heals it shard by shard:
-    the fleet ends with both islands on the same parameters."""
+    """A 2-rank FSDP island a and a 1-rank island b, 2 fleet shards: a bit of b's global state
+    flips after round 2 (in its first shard, 0). The next round's digests differ in that shard
+    only; the digest guard names it and quarantines b, and a heals it shard by shard (each of
+    a's ranks sends the shard it owns; a joiner of several ranks is healed in
+    tests/dist/test_fleet.py): the fleet ends with both islands on the same parameters."""
     out = tmp_path / "fleet"
     # min_islands 1: with two islands the quarantined one's round must commit without it
     # (fleet.expect = 2 still makes the first round wait for both)
     patient = [o for o in PATIENT if not o.startswith("--fleet.min_islands")]
     run = fleet_local(out, 2, "--ranks", "2,1", "--no-warm-spare", "--train.steps=20",
                       "--fleet.budget=steps:5", "--train.eval_problems=0", "--train.samples=0",
-                      "--parallel.strategy=fsdp", "--for", "a:faults.schedule=bitflip@round=2",
+                      "--parallel.strategy=fsdp", "--for", "b:faults.schedule=bitflip@round=2",
                       *patient)  # fmt: skip
     assert run.wait(280) == 0, run.output[-4000:]
     digest_events = [g for g in read_guard_log(out) if g["guard"] == "digest"]
-    assert [(g["island"], g["shards"]) for g in digest_events] == [("a", [0])], digest_events
+    assert [(g["island"], g["shards"]) for g in digest_events] == [("b", [0])], digest_events
     committed = rounds(out)
     assert [r["round"] for r in committed] == [1, 2, 3, 4]
     flipped = committed[digest_events[0]["round"] - 1]
-    assert flipped["quarantined"] == ["a"] and flipped["members"] == ["b"]
+    assert flipped["quarantined"] == ["b"] and flipped["members"] == ["a"]
     assert committed[-1]["members"] == ["a", "b"]  # healed, and a member again
     assert len(set(final_digests(out, ["a", "b"]).values())) == 1
