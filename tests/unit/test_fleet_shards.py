@@ -83,3 +83,14 @@ def test_a_flipped_bit_is_found_in_the_shard_that_holds_it():
     results = local_round(members, models, 1, (100, 300), commit=False)
     assert results[0]["digest"] != results[1]["digest"]
     assert differing_shards(results[0], results[1]) == [2]
+
+
+def test_an_island_cut_into_other_shards_is_refused_by_name(make_coordinator):
+    """Shard k of one island must be shard k of every other: a different fleet.shards would
+    pair unequal ranges, so the coordinator refuses it and names the field."""
+    coordinator = make_coordinator()
+    membership = coordinator.membership
+    assert membership._mismatch({"shards": 2, "rounds": 10}) is None  # the first island's recipe
+    assert membership._mismatch({"shards": 2, "rounds": 10}) is None
+    refusal = membership._mismatch({"shards": 4, "rounds": 10})
+    assert refusal is not None and "shards" in refusal and "fleet 2, island 4" in refusal

@@ -36,6 +36,7 @@ COMPARED = (
     "outer_momentum",
     "fragments",
     "warm_start_steps",
+    "shards",
     "rounds",
     "warm_start",
 )
