@@ -94,3 +94,27 @@ def test_a_flipped_bit_in_one_fleet_shard_is_found_by_its_digest_and_healed(tmp_
     assert flipped["quarantined"] == ["b"] and flipped["members"] == ["a"]
     assert committed[-1]["members"] == ["a", "b"]  # healed, and a member again
     assert len(set(final_digests(out, ["a", "b"]).values())) == 1
+
+
+def test_islands_of_four_two_and_one_ranks_train_one_model(tmp_path):
+    """Islands of 4, 2 and 1 FSDP ranks (7 processes) in one fleet: the fleet state is cut into
+    4 shards (the largest island's ranks), so a's ranks hold one shard each, b's two, c's one rank
+    all four, and shard k crosses between its three owners. Every round commits with all three
+    islands, and all end on the same parameters."""
+    out = tmp_path / "fleet"
+    run = fleet_local(out, 3, "--ranks", "4,2,1", "--no-warm-spare", "--train.steps=10",
+                      "--fleet.budget=steps:5", "--train.eval_problems=0", "--train.samples=0",
+                      "--parallel.strategy=fsdp", "--fleet.min_islands=3",
+                      *PATIENT[1:])  # fmt: skip
+    assert run.wait(280) == 0, run.output[-4000:]
+    committed = rounds(out)
+    assert [(r["round"], r["members"], r["shards"]) for r in committed] == [
+        (n, ["a", "b", "c"], 4) for n in (1, 2)
+    ]
+    held = {n: json.loads((out / n / "summary.json").read_text()) for n in "abc"}
+    held = {n: s["fleet_state_bytes_per_rank"] for n, s in held.items()}
+    assert [len(held[n]) for n in "abc"] == [4, 2, 1]
+    whole = held["c"][0]  # one rank holds all of it
+    assert sum(held["a"]) == sum(held["b"]) == whole
+    assert max(held["a"]) <= whole / 4 + 3 * 4 and max(held["b"]) <= whole / 2 + 3 * 4
+    assert len(set(final_digests(out, ["a", "b", "c"]).values())) == 1
