@@ -1,5 +1,5 @@
 """One rank of a 2-rank FSDP island holding fleet shards, launched by torchrun from
-test_fleet_shards.py. It checks its shards against a whole, unsharded copy of the same model
+test_fleet_shards.py (argv: OUT, a 1-rank run to warm-start from). It checks its shards against a whole, unsharded copy of the same model
 and writes what it found to OUT/rankR.json; rank 0 then reads the island's sharded save alone,
 as a 1-rank island would resume it."""
 
@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ostinato.checkpoint.reader import load_trained
 from ostinato.checkpoint.store import CheckpointWriter, committed_checkpoints, load_tensors
 from ostinato.config import CheckpointConfig, FleetConfig, ParallelConfig, load_config
 from ostinato.fleet.crew import Crew
@@ -18,6 +19,7 @@ from ostinato.fleet.outer import flatten
 from ostinato.fleet.shards import ShardSet
 from ostinato.hardware import Placement
 from ostinato.train.parallel import build_model
+from ostinato.train.state import start_from
 
 SHARDS = 3
 out = Path(sys.argv[1])
@@ -67,5 +69,10 @@ if rank == 0:  # resumed on one rank: it owns every shard and finds each by name
     alone.load_tensor_state(state["outer_optimizer"])
     loaded = torch.cat([alone.outer[k].global_params for k in range(SHARDS)])
     report["resumed_on_one_equal"] = torch.equal(loaded, expected)
+# 5. a warm start into the sharded model: DCP reads each rank's own rows of a 1-rank run
+trained = load_trained(sys.argv[2])  # the whole model, to compare against
+start_from(sharded, trained.config, trained.path)
+started = torch.cat([p.full_tensor().detach().reshape(-1) for p in sharded.parameters()])
+report["warm_start_equal"] = torch.equal(started, flatten(trained.model))
 (out / f"rank{rank}.json").write_text(json.dumps(report))
 dist.destroy_process_group()

@@ -109,21 +109,13 @@ def precision(place: Placement) -> MixedPrecisionPolicy:
 
 def shard_rows(param: torch.Tensor) -> tuple[torch.Tensor, int]:
     """This rank's rows of a sharded parameter and the index of the first (what
-    `Llama.init_weights` draws, and `push` copies): FSDP2 cuts dim 0 as torch.chunk does,
+    `Llama.init_weights` draws, and fleet/shards.py writes): FSDP2 cuts dim 0 as torch.chunk does,
     ceil(rows / shards) rows per shard, on the mesh's "shard" dimension."""
     assert isinstance(param, DTensor) and param.placements[-1] == Shard(0), param
     mesh = param.device_mesh
     shards, position = mesh["shard"].size(), mesh["shard"].get_local_rank()
     chunk = -(-param.shape[0] // shards)
     return param.to_local(), min(position * chunk, param.shape[0])
-
-
-def push(host: nn.Module, sharded: nn.Module) -> None:
-    """Each rank's shards take their rows of the host copy (no communication)."""
-    with torch.no_grad():
-        for whole, part in zip(host.parameters(), sharded.parameters(), strict=True):
-            rows, first = shard_rows(part)
-            rows.copy_(whole[first : first + rows.shape[0]])
 
 
 def replicate(model: nn.Module, place: Placement, strategy: str) -> nn.Module:

@@ -15,10 +15,10 @@ import torch
 import torch.distributed as dist
 from tokenizers import Tokenizer
 
-from ostinato.checkpoint.reader import load_trained, resolve_checkpoint
+from ostinato.checkpoint.reader import resolve_checkpoint
 from ostinato.checkpoint.state import init_optimizer_state, restore, tensor_state
-from ostinato.checkpoint.store import MARKER, CheckpointError
-from ostinato.config import Config, TrainConfig
+from ostinato.checkpoint.store import MARKER, CheckpointError, load_tensors, read_meta
+from ostinato.config import Config, TrainConfig, from_dict
 from ostinato.data.cache import cached_tokens
 from ostinato.data.sources import Documents, load_documents
 from ostinato.data.stream import TokenStream
@@ -30,7 +30,7 @@ from ostinato.model.llama import Llama
 from ostinato.startup import StartupClock
 from ostinato.train.guards import LossSpikeGuard, NonFiniteGuard
 from ostinato.train.metrics import EventLog
-from ostinato.train.parallel import build_model, is_sharded, push, replicate, strategy_of
+from ostinato.train.parallel import build_model, replicate, strategy_of
 
 log = logging.getLogger("ostinato")
 TOKENIZER_FILE = "tokenizer.json"
@@ -155,18 +155,16 @@ def checkpoint_id(checkpoint: Path) -> str:
 
 def start_from(model: Llama, cfg: Config, checkpoint: Path) -> None:
     """The warm start's parameters, into a model of the same shape (else a ValueError that
-    names the fields that differ)."""
-    trained = load_trained(checkpoint)
-    ours, theirs = dataclasses.asdict(cfg.model), dataclasses.asdict(trained.config.model)
+    names the fields that differ). DCP reads each rank's own rows of a sharded model (every rank
+    calls), so no rank holds the whole of it."""
+    theirs_cfg = from_dict(read_meta(checkpoint)["config"]).model
+    ours, theirs = dataclasses.asdict(cfg.model), dataclasses.asdict(theirs_cfg)
     differing = [
         f"model.{k} {theirs[k]} (ours {ours[k]})" for k in ours if ours[k] != theirs.get(k)
     ]
     if differing:
         raise ValueError(f"fleet.warm_start {checkpoint} has another model: {', '.join(differing)}")
-    if is_sharded(model):
-        push(trained.model, model)  # each rank its own rows
-    else:
-        model.load_state_dict(trained.model.state_dict())
+    load_tensors(checkpoint, {"model": model.state_dict()})
     log.info("warm start: every island starts from %s", checkpoint)
 
 
