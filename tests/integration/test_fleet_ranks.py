@@ -2,10 +2,12 @@
 step budgets with generous timeouts, beside the tests/dist group (as test_warm_start_fleet.py)."""
 
 import json
+import shutil
 
 import pytest
 from typer.testing import CliRunner
 
+from ostinato.checkpoint.store import committed_checkpoints
 from ostinato.cli import app
 from ostinato.fleet.guards import read_guard_log
 from ostinato.jsonl import read_jsonl
@@ -118,3 +120,44 @@ def test_islands_of_four_two_and_one_ranks_train_one_model(tmp_path):
     assert sum(held["a"]) == sum(held["b"]) == whole
     assert max(held["a"]) <= whole / 4 + 3 * 4 and max(held["b"]) <= whole / 2 + 3 * 4
     assert len(set(final_digests(out, ["a", "b", "c"]).values())) == 1
+
+
+def test_a_sharded_island_overlaps_its_exchange_with_training(tmp_path):
+    """Streaming DiLoCo with overlap on a 2-rank FSDP island and a 1-rank island, 2 fleet shards:
+    every rank of a runs its side of each exchange in the background (the leader's protocol, the
+    other rank following it) while both train on, and merges the result into its rows later.
+    Every round commits with both, and both end on the last round's parameters."""
+    out = tmp_path / "fleet"
+    run = fleet_local(out, 2, "--ranks", "2,1", "--no-warm-spare", "--train.steps=30",
+                      "--fleet.budget=steps:6", "--fleet.fragments=2", "--fleet.overlap=2",
+                      "--train.eval_problems=0", "--train.samples=0", "--parallel.strategy=fsdp",
+                      *PATIENT)  # fmt: skip
+    assert run.wait(280) == 0, run.output[-4000:]
+    committed = rounds(out)
+    assert [(r["round"], r["members"]) for r in committed] == [
+        (n, ["a", "b"]) for n in range(1, 11)
+    ]
+    assert set(final_digests(out, ["a", "b"]).values()) == {committed[-1]["digest"]}
+
+
+def test_a_sharded_fleet_resumes_from_its_per_shard_fleet_checkpoints(tmp_path):
+    """Fleet checkpoints of a fleet state in 2 shards are written per shard, each by its owner
+    (fleet/checkpoints/shard-k). The islands then lose their own checkpoints: on --resume auto
+    every rank restores its shards from the newest round that all shards have, and the fleet
+    carries on from it under the next round numbers."""
+    out = tmp_path / "fleet"
+    common = ["--ranks", "2,1", "--no-warm-spare", "--fleet.budget=steps:5",
+              "--fleet.checkpoint_every=2", "--train.eval_problems=0", "--train.samples=0",
+              "--parallel.strategy=fsdp", *PATIENT]  # fmt: skip
+    first = fleet_local(out, 2, "--train.steps=20", *common)
+    assert first.wait(280) == 0, first.output[-4000:]
+    for shard in (0, 1):
+        assert committed_checkpoints(out / "fleet" / "checkpoints" / f"shard-{shard}")
+    for name in ("a", "b"):  # the islands lost their disks: only the fleet checkpoint is left
+        shutil.rmtree(out / name / "checkpoints")
+    more = fleet_local(out, 2, "--train.steps=30", "--resume", "auto", *common)
+    assert more.wait(280) == 0, more.output[-4000:]
+    assert "resumed from fleet checkpoint" in more.output
+    committed = rounds(out)
+    assert [r["round"] for r in committed] == list(range(1, 7))
+    assert set(final_digests(out, ["a", "b"]).values()) == {committed[-1]["digest"]}
