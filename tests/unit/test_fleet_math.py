@@ -22,6 +22,7 @@ from ostinato.fleet.compress import (
 from ostinato.fleet.island import FleetIsland, RoundClock, time_budget_step
 from ostinato.fleet.member import FleetMember
 from ostinato.fleet.outer import OuterState, digest, flatten, outer_lr_of
+from ostinato.fleet.shards import ShardSet
 from ostinato.model.llama import Llama
 from tests.unit.local_rounds import average_of
 
@@ -278,7 +279,8 @@ def test_one_island_h1_fp32_lr1_no_momentum_is_plain_training():
             opt.step()
         local = flatten(plain_model)
         assert torch.equal(flatten(fleet_model), local)
-        pseudo_gradient = member.outer.pseudo_gradient(fleet_model)
+        member.prepare(fleet_model)
+        pseudo_gradient = member.shards.prepared[0]
         assert torch.equal(pseudo_gradient, start - local)
         packed = member.feedback.compress(pseudo_gradient)
         averaged, _ = average_of(member, [torch.cat([packed.to_bytes(), tokens_bytes(32)])], ["a"])
@@ -292,7 +294,7 @@ def test_one_island_h1_fp32_lr1_no_momentum_is_plain_training():
         bound = U32 * ((g - loc).abs() + (g - p).abs())
         assert torch.all((new.double() - loc).abs() <= bound)
         moved += int((new != local).sum())
-        member.outer.load_into(fleet_model)
+        member.shards.write(fleet_model, None)
         assert torch.equal(flatten(fleet_model), new)
     assert moved > 0  # the rounding is real: the bound, not equality, is what holds
     assert torch.equal(member.feedback.residual, torch.zeros_like(member.feedback.residual))
@@ -322,7 +324,7 @@ def test_outer_step_moves_against_the_pseudo_gradient():
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
-    outer.tentative_step(outer.pseudo_gradient(model))  # pseudo-gradient = -1 everywhere
+    outer.tentative_step(outer.global_params - flatten(model))  # pseudo-gradient = -1
     # fl(g - 0.5 fl(g - fl(g + 1))): three roundings, each <= U32 of a value <= |g| + 1
     # (the halving is exact), so the result is g + 0.5 within 3 U32 (|g| + 1).
     g = before.double()
@@ -368,13 +370,14 @@ def test_as_tensor_load_tensor_round_trip(warm):
             donor.tentative_step(torch.randn(donor.numel, generator=gen) * 1e-3)
             donor.commit()
     joiner_model = tiny_llama(2)
-    joiner = OuterState(joiner_model, cfg)
+    joining = ShardSet(joiner_model, cfg)  # the whole model, one shard
+    joiner = joining.outer[0]
     assert not torch.equal(joiner.global_params.detach(), donor.global_params.detach())
     state = donor.as_tensor()
     assert state.numel() == 2 * donor.numel
     joiner.load_tensor(state.clone())
     assert torch.equal(joiner.as_tensor(), donor.as_tensor())
-    joiner.load_into(joiner_model)
+    joining.write(joiner_model, None)
     assert torch.equal(flatten(joiner_model), donor.global_params.detach())
     # the healed island steps to the same bits as the donor
     step = torch.randn(donor.numel, generator=gen) * 1e-3

@@ -12,6 +12,7 @@ from ostinato.config import ConfigError, FleetConfig, load_config
 from ostinato.fleet.compress import ErrorFeedback, pack, payload_size, unpack
 from ostinato.fleet.member import FleetMember
 from ostinato.fleet.outer import OuterState, digest, flatten, unique_parameters
+from ostinato.fleet.shards import ShardSet
 from ostinato.fleet.streaming import fragment_cuts, fragment_of, send_in_background
 from tests.unit.local_rounds import local_round
 from tests.unit.test_fleet_math import U32, tiny_llama
@@ -222,9 +223,10 @@ def test_a_healed_joiner_steps_fragments_to_the_donors_bits():
     donor.tentative_step(torch.randn(donor.size(0), generator=gen) * 1e-3, 0)  # momentum of
     donor.commit()  # one fragment only: the others' is sent as zeros
     joiner_model = tiny_llama(2)
-    joiner = OuterState(joiner_model, cfg)
+    joining = ShardSet(joiner_model, cfg)  # the whole model, one shard
+    joiner = joining.outer[0]
     joiner.load_tensor(donor.as_tensor().clone())
-    joiner.load_into(joiner_model)
+    joining.write(joiner_model, None)
     assert torch.equal(flatten(joiner_model), donor.global_params)
     for fragment in (1, 0, None):
         step = torch.randn(donor.size(fragment), generator=gen) * 1e-3
@@ -240,11 +242,12 @@ def test_a_healed_joiner_steps_fragments_to_the_donors_bits():
 def test_the_merge_keeps_mix_of_the_local_parameters():
     """Streaming DiLoCo's merge after an overlapped exchange: mix * local + (1 - mix) * global."""
     model = tiny_llama(0)
-    outer = OuterState(model, fleet_cfg(fragments=2))
+    shards = ShardSet(model, fleet_cfg(fragments=2))  # the whole model, one shard
+    outer = shards.outer[0]
     outer.tentative_step(torch.full((outer.size(1),), 0.1), 1)
     train_a_little(model, seed=3)
     local = flatten(model)
-    outer.merge_into(model, 1, 0.5)
+    shards.write(model, 1, 0.5)
     lo, hi = outer.span(1)
     merged = flatten(model)
     # lerp with weight 0.5 computes g - 0.5 fl(g - l) (torch's formula for weights >= 0.5; the
@@ -255,9 +258,9 @@ def test_the_merge_keeps_mix_of_the_local_parameters():
     bound = U32 * ((g - loc).abs() / 2 + midpoint.abs()) * (1 + 2 * U32)
     assert torch.all((merged[lo:hi].double() - midpoint).abs() <= bound)
     assert torch.equal(merged[:lo], local[:lo])
-    outer.merge_into(model, 1, 1.0)  # mix 1 keeps the local parameters
+    shards.write(model, 1, 1.0)  # mix 1 keeps the local parameters
     assert torch.equal(flatten(model), merged)
-    outer.merge_into(model, 1, 0.0)  # mix 0 takes the global ones
+    shards.write(model, 1, 0.0)  # mix 0 takes the global ones
     assert torch.equal(flatten(model)[lo:hi], outer.global_params[lo:hi])
 
 

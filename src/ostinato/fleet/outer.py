@@ -58,29 +58,22 @@ def digest(flat: torch.Tensor) -> str:
 
 
 class OuterState:
-    """The outer state of a whole model, or (`of_range`) of one fleet shard of it."""
+    """The outer state of a whole model's flat parameters, or (`of_range`) of one fleet shard
+    of them. It touches no model."""
 
     def __init__(self, model: nn.Module, cfg: FleetConfig):
         sizes = [p.numel() for p in unique_parameters(model)]
-        self.cuts = fragment_cuts(sizes, cfg.fragments)  # tensor index where each one starts
-        offsets = [sum(sizes[:cut]) for cut in self.cuts]
+        offsets = [sum(sizes[:cut]) for cut in fragment_cuts(sizes, cfg.fragments)]
         self._setup(flatten(model), list(zip(offsets[:-1], offsets[1:], strict=True)), cfg)
 
     @classmethod
     def of_range(
-        cls,
-        values: torch.Tensor,
-        bounds: list[tuple[int, int]],
-        cfg: FleetConfig,
-        cuts: list[int] | None = None,
+        cls, values: torch.Tensor, bounds: list[tuple[int, int]], cfg: FleetConfig
     ) -> OuterState:
-        """The outer state of a range of the flat parameters (a fleet shard, fleet/shards.py):
-        `values` its global parameters, `bounds` each fragment's [lo, hi) within it (empty
-        where a fragment lies outside). fleet/shards.py moves values between it and the model;
-        the methods that take a model work only on a range that is the whole model (`cuts`,
-        the tensor index where each fragment starts)."""
+        """The outer state of a range of the flat parameters (a fleet shard, fleet/shards.py,
+        which moves values between it and the model): `values` its global parameters, `bounds`
+        each fragment's [lo, hi) within it (empty where a fragment lies outside)."""
         state = cls.__new__(cls)
-        state.cuts = cuts
         state._setup(values.clone(), bounds, cfg)
         return state
 
@@ -122,16 +115,6 @@ class OuterState:
 
     def _fragments(self, fragment: int | None) -> range:
         return range(len(self.parts)) if fragment is None else range(fragment, fragment + 1)
-
-    def _params(self, model: nn.Module, fragment: int | None) -> list[nn.Parameter]:
-        chosen = self._fragments(fragment)
-        return unique_parameters(model)[self.cuts[chosen[0]] : self.cuts[chosen[-1] + 1]]
-
-    def pseudo_gradient(self, model: nn.Module, fragment: int | None = None) -> torch.Tensor:
-        """global - local: the direction the island moved, as a gradient of the global model."""
-        lo, hi = self.span(fragment)
-        with self.lock:
-            return self.global_params[lo:hi] - _flat(self._params(model, fragment))
 
     def _momentum_of(self, index: int) -> torch.Tensor | None:
         return self.optimizer.state.get(self.parts[index], {}).get("momentum_buffer")
@@ -188,23 +171,6 @@ class OuterState:
                 else:
                     self.optimizer.state[self.parts[i]]["momentum_buffer"] = momentum
             self._undo = None
-
-    def load_into(self, model: nn.Module, fragment: int | None = None) -> None:
-        """Set the island's parameters of a fragment (None: all) to the global ones."""
-        self.merge_into(model, fragment, 0.0)
-
-    def merge_into(self, model: nn.Module, fragment: int | None, mix: float) -> None:
-        """local = mix * local + (1 - mix) * global, over a fragment's parameters (None: all)."""
-        offset = self.span(fragment)[0]
-        with torch.no_grad(), self.lock:
-            for param in self._params(model, fragment):
-                size = param.numel()
-                new = self.global_params[offset : offset + size].view_as(param)
-                if mix == 0.0:
-                    param.copy_(new)
-                else:
-                    param.lerp_(new.to(param.device, param.dtype), 1.0 - mix)
-                offset += size
 
     def as_tensor(self) -> torch.Tensor:
         """Global parameters and momentum, one flat tensor: what a donor sends."""

@@ -95,9 +95,8 @@ class ShardSet:
         self.mine = owned_shards(cfg.shards, rank, ranks)
         self.fragments = fragment_bounds(sizes, cfg.fragments)
         values = self.read(model)
-        whole = fragment_cuts(sizes, cfg.fragments) if cfg.shards == 1 else None
         self.outer = {
-            k: OuterState.of_range(values[k], clip(self.fragments, *self.bounds[k]), cfg, whole)
+            k: OuterState.of_range(values[k], clip(self.fragments, *self.bounds[k]), cfg)
             for k in self.mine
         }
         self.feedback = {
