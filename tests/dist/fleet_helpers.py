@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -160,9 +161,19 @@ def kill(pid: int, sig: int = signal.SIGKILL) -> None:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now, below the kernel's ephemeral range: a coordinator restarted on it
+    finds it free again, where an ephemeral port may meanwhile be taken as the source port of
+    one of the many connections a busy test machine makes (a restarted coordinator would then
+    fail to bind)."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for port in random.Random().sample(range(20000, min(low, 32768)), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def final_digests(out: Path, names: list[str]) -> dict[str, str]:

@@ -2,6 +2,7 @@
 a refused island, a resumed fleet, and an island of two torchrun ranks. Every survivor must end with the same parameters."""
 
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -137,7 +138,11 @@ def test_a_coordinator_restart_loses_no_round(tmp_path):
     time.sleep(1.0)
     coordinator = Running(ostinato(*coordinator_args))
     for island in islands:
-        assert island.wait() == 0, island.output[-4000:]
+        try:
+            code = island.wait()
+        except subprocess.TimeoutExpired:  # say what the restarted coordinator said
+            raise AssertionError(coordinator.output[-3000:] + island.output[-3000:]) from None
+        assert code == 0, island.output[-4000:]
     coordinator.process.terminate()
     numbers = [r["round"] for r in rounds(out)]
     assert numbers == list(range(1, 13)), numbers

@@ -80,9 +80,11 @@ def test_a_flipped_bit_in_one_fleet_shard_is_found_by_its_digest_and_healed(tmp_
     a's ranks sends the shard it owns; a joiner of several ranks is healed in
     tests/dist/test_fleet.py): the fleet ends with both islands on the same parameters."""
     out = tmp_path / "fleet"
-    # min_islands 1: with two islands the quarantined one's round must commit without it
-    # (fleet.expect = 2 still makes the first round wait for both)
+    # min_islands 1: with two islands the quarantined one's round must commit without it; a
+    # long grace keeps every other round waiting for both (b alone would have no one to be
+    # compared with, and a late a would be healed from b's flipped state)
     patient = [o for o in PATIENT if not o.startswith("--fleet.min_islands")]
+    patient += ["--fleet.grace_s=120"]
     run = fleet_local(out, 2, "--ranks", "2,1", "--no-warm-spare", "--train.steps=20",
                       "--fleet.budget=steps:5", "--train.eval_problems=0", "--train.samples=0",
                       "--parallel.strategy=fsdp", "--for", "b:faults.schedule=bitflip@round=2",
