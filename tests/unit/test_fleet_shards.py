@@ -94,3 +94,23 @@ def test_an_island_cut_into_other_shards_is_refused_by_name(make_coordinator):
     assert membership._mismatch({"shards": 2, "rounds": 10}) is None
     refusal = membership._mismatch({"shards": 4, "rounds": 10})
     assert refusal is not None and "shards" in refusal and "fleet 2, island 4" in refusal
+
+
+def test_a_payload_replayed_as_another_shard_is_refused():
+    """Each shard's payload is sealed under its shard number: b's shard-0 payload sent again as
+    its shard 1 (equal lengths: the cut is even here) fails its MAC at a, so a refuses b's
+    payload for the round and averages its own alone."""
+    members, models = members_and_models(2)
+    for member in members:
+        member.token = "fleet-secret"
+    assert members[0].shards.size(0) == members[0].shards.size(1)
+    for seed, model in enumerate(models):
+        train_a_little(model, seed)
+    sent: dict[tuple[int, str], torch.Tensor] = {}
+
+    def replay(raw, sender, shard):
+        sent[(shard, sender)] = raw
+        return sent[(0, "b")] if (shard, sender) == (1, "b") else raw
+
+    results = local_round(members, models, 1, (100, 300), tamper=replay, commit=False)
+    assert all(r["refused"] == ["b"] for r in results)
