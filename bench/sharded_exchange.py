@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 ISLANDS, RANKS = ("a", "b"), 4
@@ -91,7 +92,7 @@ def worker(args: argparse.Namespace) -> None:
     from ostinato.fleet.member import FleetMember
 
     island, rank = args.island, args.rank
-    store = dist.TCPStore(HOST, args.island_port, is_master=False, timeout=_seconds(120))
+    store = dist.TCPStore(HOST, args.island_port, is_master=False, timeout=timedelta(seconds=120))
     dist.init_process_group(
         "gloo", store=dist.PrefixStore(island, store), rank=rank, world_size=RANKS
     )
@@ -133,16 +134,9 @@ def worker(args: argparse.Namespace) -> None:
     dist.destroy_process_group()
 
 
-def _seconds(value: float):
-    from datetime import timedelta
-
-    return timedelta(seconds=value)
-
-
 def run_arm(args: argparse.Namespace, shards: int, round_number: int, out: Path) -> list[float]:
-    """Both islands' 8 ranks, each in its namespace; returns the two leaders' times."""
-    import torch.distributed as dist
-
+    """Both islands' 8 ranks, each in its namespace; returns the two leaders' times. The
+    stores live in this process until the ranks are done."""
     from ostinato.fleet import wire
 
     coordinator = wire.serve_store(f"{HOST}:0")
@@ -161,7 +155,7 @@ def run_arm(args: argparse.Namespace, shards: int, round_number: int, out: Path)
             worker_env = {**env, "GLOO_SOCKET_IFNAME": f"ostn_{island}{rank}"}
             processes.append(subprocess.Popen(command, env=worker_env))
     failed = [p.wait(timeout=900) for p in processes]
-    del coordinator, island_stores, dist
+    del coordinator, island_stores
     if any(failed):
         raise SystemExit(f"a rank failed (exit codes {failed})")
     return [

@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 
-from ostinato.fleet.compress import from_bytes, unpack
 from ostinato.fleet.member import FleetMember, RoundOutcome, keep
 from ostinato.fleet.shard_ops import average, open_payloads
 
@@ -87,7 +86,3 @@ def average_of(member: FleetMember, gathered, members, fragment=None, kind=None)
     report = {"refused": [], "squares": squares}
     use, excluded, _ = keep([report], members, member.guards.outlier_ratio)
     return average(peers, use, numel), excluded
-
-
-def unpacked(raw: torch.Tensor, numel: int, kind: str, block: int) -> torch.Tensor:
-    return unpack(from_bytes(raw[:-8], numel, kind, block), block)

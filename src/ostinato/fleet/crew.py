@@ -94,6 +94,14 @@ class Crew:
                 return order["args"]
             _gather(self._handle(order["op"], order["args"]), self.group, self.ranks)
 
+    def gathered(self, value: int) -> list[int]:
+        """Every rank calls: each rank's `value`, in rank order."""
+        if self.group is None:
+            return [value]
+        values = [torch.zeros(1, dtype=torch.int64) for _ in range(self.ranks)]
+        dist.all_gather(values, torch.tensor([value], dtype=torch.int64), group=self.group)
+        return [int(v.item()) for v in values]
+
     def agree(self, ok: bool) -> bool:
         """Inside an operation: whether every rank's `ok` holds."""
         if self.group is None:

@@ -175,7 +175,7 @@ class FleetIsland:
         self.events: Timeline | None = None  # the leader's
         self.dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else out.parent / "fleet"
         # every rank: when no donor is left, the fleet checkpoint (fleet/member.py)
-        member.restore_state = lambda: self.restore_shards()
+        member.restore_state = self.restore_shards
 
     # --- state and checkpoints --------------------------------------------------------------
 
@@ -246,15 +246,12 @@ class FleetIsland:
             "train_state": {"step": 0},
         }
         stall = 0.0
-        for k, state in self.tensor_state().items():
-            shard = int(k.removeprefix("shard"))
-            if shard not in self.writers:
+        for k in self.member.shards.mine:
+            if k not in self.writers:
                 config = CheckpointConfig(keep=3, async_save=True)
-                self.writers[shard] = CheckpointWriter(
-                    self.shard_dir(shard), config, sync_ranks=False
-                )
-            tensors = {"outer_optimizer": {k: state}}
-            stall += self.writers[shard].save(outcome.round, tensors, meta)
+                self.writers[k] = CheckpointWriter(self.shard_dir(k), config, sync_ranks=False)
+            tensors = {"outer_optimizer": self.member.shards.tensor_state([k])}
+            stall += self.writers[k].save(outcome.round, tensors, meta)
         log.info("fleet: writing the fleet checkpoint of round %d", outcome.round)
         return stall
 

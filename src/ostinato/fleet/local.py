@@ -164,11 +164,9 @@ class LocalFleet:
         """The whole recipe: the coordinator checks every island's model and rounds against it.
         Islands of several ranks cut the fleet state into as many shards as the largest has
         ranks (fleet/shards.py), unless the recipe's overrides say how many."""
-        shards = (
-            [] if max(self.ranks.values()) == 1 else [f"fleet.shards={max(self.ranks.values())}"]
-        )
-        if any(o.startswith("fleet.shards=") for o in self.overrides):
-            shards = []
+        largest = max(self.ranks.values())
+        given = any(o.startswith("fleet.shards=") for o in self.overrides)
+        shards = [] if largest == 1 or given else [f"fleet.shards={largest}"]
         return [f"--fleet.expect={len(self.names)}", *(f"--{o}" for o in shards + self.overrides)]
 
     def island_command(self, name: str, address: str) -> list[str]:

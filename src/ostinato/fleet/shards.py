@@ -28,6 +28,7 @@ from ostinato.config import FleetConfig
 from ostinato.fleet.compress import ErrorFeedback
 from ostinato.fleet.outer import OuterState, digest, unique_parameters
 from ostinato.fleet.streaming import fragment_cuts
+from ostinato.train.parallel import shard_rows
 
 
 def shard_bounds(numel: int, shards: int) -> list[tuple[int, int]]:
@@ -165,9 +166,7 @@ class ShardSet:
     @staticmethod
     def _write_one(param: torch.Tensor, values: torch.Tensor, mix: float) -> None:
         new = values.view(param.shape)
-        if isinstance(param, DTensor):  # this rank's rows only (train/parallel.py: shard_rows)
-            from ostinato.train.parallel import shard_rows
-
+        if isinstance(param, DTensor):  # this rank's rows only
             target, first = shard_rows(param)
             new = new[first : first + target.shape[0]]
         else:
@@ -213,12 +212,12 @@ class ShardSet:
         for feedback in self.feedback.values():
             feedback.reset()
 
-    def tensor_state(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Outer state and residual of the owned shards, by shard name (an N-rank save resumes
-        on M ranks: each rank loads the shards it owns there)."""
+    def tensor_state(self, shards: list[int] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+        """Outer state and residual of the owned shards (or of `shards` of them), by shard name
+        (an N-rank save resumes on M ranks: each rank loads the shards it owns there)."""
         return {
             f"shard{k}": {**self.outer[k].state_dict(), **self.feedback[k].state_dict()}
-            for k in self.mine
+            for k in (self.mine if shards is None else shards)
         }
 
     def load_tensor_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
@@ -240,7 +239,8 @@ class ShardSet:
         """Bytes of fleet state on this rank (global parameters, momentum, residual)."""
         total = 0
         for k in self.mine:
-            momentum = self.outer[k]._momentum()
-            total += self.outer[k].global_params.nbytes + self.feedback[k].residual.nbytes
-            total += 0 if momentum is None else momentum.nbytes
+            outer = self.outer[k]
+            total += outer.global_params.nbytes + self.feedback[k].residual.nbytes
+            buffers = (outer._momentum_of(i) for i in range(len(outer.parts)))
+            total += sum(b.nbytes for b in buffers if b is not None)
         return total

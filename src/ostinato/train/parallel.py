@@ -30,9 +30,9 @@ def strategy_of(cfg: ParallelConfig, world_size: int, in_fleet: bool) -> str:
     """What this island's ranks do: `single` (one rank), `fsdp` or `ddp`; a ValueError naming
     the field for what cannot run, raised before any process group starts.
 
-    auto means fsdp, but ddp for a fleet island: its exchange runs on a whole copy of the model
-    in host memory (fleet/island.py), which a sharded island gathers before each round and
-    scatters after it, so sharding a fleet island pays only when the model does not fit a chip."""
+    auto means fsdp, but ddp for a fleet island: each round gathers every sharded parameter
+    whole, one at a time, to read and write the island's fleet shards (fleet/shards.py), so
+    sharding a fleet island pays only when the model does not fit a chip."""
     if world_size == 1:
         return "single"
     strategy = "ddp" if cfg.strategy == "auto" and in_fleet else cfg.strategy

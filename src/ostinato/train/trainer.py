@@ -146,20 +146,9 @@ def _train(
     result = TrainResult(out, state.step, final_loss, digest, evaluation, goodput)
     result.strategy, result.world_size, result.state_bytes = state.strategy, place.world_size, held
     if state.fleet is not None:
-        member = state.fleet.member
-        result.fleet_state_bytes = fleet_state_bytes(member.shards.held_bytes(), member.crew.group)
+        member = state.fleet.member  # every rank's share of the fleet state, from its tensors
+        result.fleet_state_bytes = member.crew.gathered(member.shards.held_bytes())
     return result
-
-
-def fleet_state_bytes(mine: int, group: dist.ProcessGroup | None) -> list[int]:
-    """Bytes of fleet state (global parameters, outer momentum, residual) each rank of the
-    island holds, in rank order, from the tensors (a collective over the island's gloo group,
-    fleet/crew.py, on several ranks)."""
-    if group is None:
-        return [mine]
-    held = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(held, torch.tensor([mine], dtype=torch.int64), group=group)
-    return [int(h.item()) for h in held]
 
 
 def autocast_dtype(cfg: TrainConfig, place: Placement) -> torch.dtype | None:
