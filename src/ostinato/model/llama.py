@@ -223,12 +223,29 @@ class Llama(nn.Module):
         x = self.model.embed_tokens(tokens)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, None if caches is None else caches[i], mask)
-        logits = self.lm_head(self.model.norm(x))
+        hidden = self.model.norm(x)
         if targets is None:
-            return logits
-        return F.cross_entropy(
-            at_least_fp32(logits).flatten(0, 1), targets.flatten(), ignore_index=-100
-        )
+            return self.lm_head(hidden)
+        return head_loss(hidden.flatten(0, 1), self.lm_head.weight, targets.flatten())
+
+
+# Tokens whose logits exist at once when the loss is computed: the head's logits (tokens x
+# vocabulary) are the largest activation of a step, and recomputing the layers cannot touch
+# them. 128 rows ran as fast as the whole batch at once on CPU (bench/sharding_memory.py).
+LOSS_CHUNK_TOKENS = 128
+
+
+def head_loss(hidden: torch.Tensor, head: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of `hidden` (N, D) through the output head (V, D), chunk by chunk:
+    torch's `linear_cross_entropy` computes each chunk's gradients in the forward pass and
+    keeps no logits. Low-precision values are accumulated in fp32 (the "accurate" policy)."""
+    low_precision = torch.promote_types(hidden.dtype, torch.float32) != hidden.dtype
+    options = nn.LinearCrossEntropyOptions(
+        batch_chunk_size=LOSS_CHUNK_TOKENS,
+        chunking_method=None,
+        acc_policy="accurate" if low_precision else "compact",
+    )
+    return F.linear_cross_entropy(hidden, head, targets, ignore_index=-100, options=options)
 
 
 def count_parameters(model: nn.Module) -> int:

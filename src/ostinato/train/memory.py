@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+from ostinato.model.llama import LOSS_CHUNK_TOKENS
+
 # Per parameter: fp32 master weights (4), their gradients (4; FSDP2 keeps the sharded gradient
 # in the parameters' fp32 and reduces it in fp32 on accelerators too) and AdamW's two fp32
 # moments (8). The bf16 copies an accelerator computes with are gathered one layer at a time.
@@ -19,8 +21,10 @@ STATE_BYTES_PER_PARAM = 16
 LAYER_ACTIVATION_VALUES = 17
 # What a recomputed layer keeps: its input.
 LAYER_INPUT_VALUES = 1
-# The output layer keeps its logits (in the compute precision) and the fp32 log-softmax the
-# cross-entropy works on: per token, (value bytes + 4) per vocabulary entry.
+# The loss head (model/llama.py: head_loss) holds the logits of LOSS_CHUNK_TOKENS tokens at a
+# time (in the compute precision) and the fp32 log-softmax of them: (value bytes + 4) per token
+# and vocabulary entry. It computes the head's weight gradient in the forward pass and holds it
+# (in the compute precision) until the backward pass takes it, before any layer's backward.
 LOG_SOFTMAX_BYTES = 4
 
 
@@ -46,11 +50,13 @@ def activation_bytes_per_rank(
     value_bytes: int = 2,
 ) -> float:
     """Activations of one micro-batch of `tokens` tokens at the peak of its backward pass: the
-    kept layers' saved tensors, the recomputed layers' inputs, one recomputed layer whole, and
-    the output layer's logits (`vocab_size`; 0 leaves them out). `value_bytes`: 2 for bf16
-    compute (accelerators), 4 for fp32 (CPU)."""
+    kept layers' saved tensors and the recomputed layers' inputs, with either one recomputed
+    layer whole or (at the start of the backward pass) what the loss head holds: its weight's
+    gradient and a chunk's logits (`vocab_size`; 0 leaves the head out). `value_bytes`: 2 for
+    bf16 compute (accelerators), 4 for fp32 (CPU)."""
     kept = n_layers - recomputed_layers(recompute, n_layers)
     saved = kept * LAYER_ACTIVATION_VALUES + (n_layers - kept) * LAYER_INPUT_VALUES
-    rebuilt = LAYER_ACTIVATION_VALUES if kept < n_layers else 0
-    layers = tokens * dim * (saved + rebuilt) * value_bytes
-    return layers + tokens * vocab_size * (value_bytes + LOG_SOFTMAX_BYTES)
+    rebuilt = tokens * dim * LAYER_ACTIVATION_VALUES * value_bytes if kept < n_layers else 0
+    chunk = min(tokens, LOSS_CHUNK_TOKENS) * vocab_size * (value_bytes + LOG_SOFTMAX_BYTES)
+    head = vocab_size * dim * value_bytes + chunk if vocab_size else 0
+    return tokens * dim * saved * value_bytes + max(rebuilt, head)
