@@ -15,6 +15,7 @@ sharding costs in tokens/s: a 125M-parameter model on CPU, 1, 2 and 4 gloo ranks
    and the step time. Targets: full recomputation cuts activation memory >= 3x for <= 1.4x time.
 
     .venv/bin/python bench/sharding_memory.py [--ranks 1 2 4] [--steps 6] [--no-activations]
+        [--reshard default|always|never]  (parallel.reshard_after_forward of the fsdp runs)
     (`--ranks` with no count: the activation table alone)
 """
 
@@ -143,9 +144,10 @@ def launch(ranks: int, args: list[str]) -> None:
         raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
 
 
-def memory_run(ranks: int, strategy: str, steps: int, root: Path) -> dict:
+def memory_run(ranks: int, strategy: str, steps: int, root: Path, reshard: str) -> dict:
     out = root / f"{strategy}-{ranks}"
     overrides = [*MODEL, *RECIPE, f"train.steps={steps}", f"parallel.strategy={strategy}"]
+    overrides.append(f"parallel.reshard_after_forward={reshard}")
     launch(ranks, ["--train-worker", str(out), *overrides])
     held = [json.loads((out / f"rank{r}.json").read_text()) for r in range(ranks)]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -160,12 +162,12 @@ def memory_run(ranks: int, strategy: str, steps: int, root: Path) -> dict:
     }
 
 
-def memory_table(ranks: list[int], steps: int) -> list[dict]:
+def memory_table(ranks: list[int], steps: int, reshard: str) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as root:
         for n in ranks:
             for strategy in ("ddp", "fsdp") if n > 1 else ("ddp",):
-                rows.append(memory_run(n, strategy, steps, Path(root)))
+                rows.append(memory_run(n, strategy, steps, Path(root), reshard))
                 row = rows[-1]
                 print(
                     f"{n} rank(s) {row['strategy']:6} state/rank {row['state_bytes'] / 2**20:8.1f} "
@@ -239,8 +241,14 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, nargs="*", default=[1, 2, 4])
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--no-activations", action="store_true")
+    parser.add_argument(
+        "--reshard",
+        choices=("default", "always", "never"),
+        default="default",
+        help="parallel.reshard_after_forward of the fsdp runs",
+    )
     args = parser.parse_args()
-    rows = memory_table(args.ranks, args.steps)
+    rows = memory_table(args.ranks, args.steps, args.reshard)
     activations = None if args.no_activations else activation_table(args.steps)
     report(rows, activations)
 

@@ -140,6 +140,14 @@ class ParallelConfig:
         "one (selective), or none",
         choices=("none", "full", "selective"),
     )
+    reshard_after_forward: str = option(
+        "default",
+        "fsdp: free each decoder layer's gathered parameters after its forward pass and gather "
+        "them again for its backward (always), keep them gathered until then (never: no second "
+        "all-gather, a whole model's worth of compute-precision parameters held through the "
+        "step), or always but the last layer, whose backward comes next (default)",
+        choices=("default", "always", "never"),
+    )
 
 
 @dataclass

@@ -80,12 +80,15 @@ def test_gradients_match_finite_differences():
     assert torch.autograd.gradcheck(loss_of, inputs, eps=1e-6, atol=1e-5)
 
 
-def test_chunked_loss_head_equals_logits_then_cross_entropy():
+@pytest.mark.parametrize(
+    "tokens",
+    [LOSS_CHUNK_TOKENS, 3 * LOSS_CHUNK_TOKENS + 5],  # one chunk (plain path); several, ragged
+)
+def test_chunked_loss_head_equals_logits_then_cross_entropy(tokens):
     """The training loss never holds all logits at once (head_loss, LOSS_CHUNK_TOKENS rows at a
     time) yet is the same function: value and gradients agree with the logits computed whole.
     In float64 the two differ only by summation order, ~1e-16 relative; 1e-12 leaves room."""
     torch.manual_seed(0)
-    tokens = 3 * LOSS_CHUNK_TOKENS + 5  # several whole chunks and a ragged one
     hidden = torch.randn(tokens, 16, dtype=torch.float64, requires_grad=True)
     head = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, 50, (tokens,))

@@ -9,7 +9,7 @@ import torch
 from ostinato.config import ParallelConfig, load_config
 from ostinato.model import llama
 from ostinato.model.llama import Llama, normal_rows
-from ostinato.train.parallel import recompute_activations, strategy_of
+from ostinato.train.parallel import recompute_activations, reshards_after_forward, strategy_of
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -73,3 +73,12 @@ def test_the_strategy_an_island_gets():
 def test_a_wrong_strategy_is_named_with_the_allowed_values():
     with pytest.raises(ValueError, match="parallel.strategy.*fsdp.*ddp"):
         load_config(None, ["parallel.strategy=zero3"])
+
+
+def test_reshard_after_forward_policies():
+    """TorchTitan's names: default keeps only the last layer gathered into its backward."""
+    assert [reshards_after_forward("default", last) for last in (False, True)] == [True, False]
+    assert [reshards_after_forward("always", last) for last in (False, True)] == [True, True]
+    assert [reshards_after_forward("never", last) for last in (False, True)] == [False, False]
+    with pytest.raises(ValueError, match="parallel.reshard_after_forward.*never"):
+        load_config(None, ["parallel.reshard_after_forward=sometimes"])

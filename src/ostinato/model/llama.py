@@ -238,7 +238,11 @@ LOSS_CHUNK_TOKENS = 128
 def head_loss(hidden: torch.Tensor, head: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of `hidden` (N, D) through the output head (V, D), chunk by chunk:
     torch's `linear_cross_entropy` computes each chunk's gradients in the forward pass and
-    keeps no logits. Low-precision values are accumulated in fp32 (the "accurate" policy)."""
+    keeps no logits. Low-precision values are accumulated in fp32 (the "accurate" policy).
+    Tokens that fit one chunk take the plain path: the same logits, less overhead."""
+    if hidden.shape[0] <= LOSS_CHUNK_TOKENS:
+        logits = at_least_fp32(F.linear(hidden, head))
+        return F.cross_entropy(logits, targets, ignore_index=-100)
     low_precision = torch.promote_types(hidden.dtype, torch.float32) != hidden.dtype
     options = nn.LinearCrossEntropyOptions(
         batch_chunk_size=LOSS_CHUNK_TOKENS,

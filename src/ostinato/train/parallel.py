@@ -18,6 +18,7 @@ from torch import nn
 from torch.distributed._composable import checkpoint
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
 from torch.distributed.tensor import DTensor, Shard
 from torch.nn.parallel import DistributedDataParallel
 
@@ -81,10 +82,35 @@ def shard(model: Llama, cfg: ParallelConfig, mesh: DeviceMesh, place: Placement)
     recompute_activations(model, cfg)
     layers = model.model.layers
     for index, layer in enumerate(layers):
-        # the last layer's backward comes right after its forward: keep it gathered till then
-        last = index == len(layers) - 1
-        fully_shard(layer, mesh=mesh, mp_policy=precision(place), reshard_after_forward=not last)
+        reshard = reshards_after_forward(cfg.reshard_after_forward, index == len(layers) - 1)
+        fully_shard(layer, mesh=mesh, mp_policy=precision(place), reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, mp_policy=precision(place))
+    if place.backend == "gloo":
+        for unit in model.modules():
+            if isinstance(unit, FSDPModule):
+                unit.set_custom_reduce_scatter(ReduceScatterByAllReduce())
+
+
+def reshards_after_forward(policy: str, last_layer: bool) -> bool:
+    """TorchTitan's policy names: by default the last layer stays gathered, as its backward
+    comes right after its forward."""
+    return {"always": True, "never": False, "default": not last_layer}[policy]
+
+
+class ReduceScatterByAllReduce(ReduceScatter):
+    """FSDP2's gradient reduce-scatter as an all-reduce of which each rank keeps its own slice,
+    for gloo only: gloo's all-reduce of a decoder layer's gradients is faster than its
+    reduce-scatter of them (bench/gloo_collectives.py, 6.3M fp32 values: 20 against 33-36 ms
+    on 2 ranks, 53 against 83 ms on 4), where NCCL and HCCL build the all-reduce from the
+    reduce-scatter. FSDP hands over a flat input of equal rank slices and frees it after."""
+
+    def allocate(self, size, *, dtype, device):
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
+        dist.all_reduce(input_tensor, op=op, group=group)
+        begin = dist.get_rank(group) * output_tensor.numel()
+        output_tensor.copy_(input_tensor.view(-1)[begin : begin + output_tensor.numel()])
 
 
 def recompute_activations(model: Llama, cfg: ParallelConfig) -> None:
