@@ -145,8 +145,10 @@ def test_a_coordinator_restart_loses_no_round(tmp_path):
         assert code == 0, island.output[-4000:]
     coordinator.process.terminate()
     numbers = [r["round"] for r in rounds(out)]
-    assert numbers == list(range(1, 13)), numbers
-    assert set(final_digests(out, ["a", "b"]).values()) == {rounds(out)[-1]["digest"]}
+    said = coordinator.output[-3000:] + "".join(i.output[-3000:] for i in islands)
+    assert numbers == list(range(1, 13)), (numbers, said)
+    finals = final_digests(out, ["a", "b"])
+    assert set(finals.values()) == {rounds(out)[-1]["digest"]}, (finals, rounds(out)[-2:], said)
 
 
 def island_rounds(out: Path, name: str) -> list[dict[str, float]]:
@@ -374,6 +376,7 @@ def test_a_torchrun_island_with_a_time_budget_loses_a_rank_and_rejoins(tmp_path,
 
     a = Running(torchrun(2, "-m", "ostinato", *island("a")))
     b = Running(ostinato(*island("b")))
+
     def started() -> bool:  # b commits rounds alone while a starts: a needs a checkpoint
         return len(rounds(out)) >= 3 and bool(committed_checkpoints(out / "a" / "checkpoints"))
 
