@@ -5,17 +5,21 @@ test_coordinator.py plays the islands the same way)."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from typing import Any
 
 import pytest
+from torch import nn
 
 from ostinato.config import ConfigError, load_config
 from ostinato.fleet import wire
 from ostinato.fleet.coordinator import KEPT_ROUNDS, Coordinator
 from ostinato.fleet.guards import read_guard_log
+from ostinato.fleet.member import FleetMember
 from ostinato.fleet.membership import MAX_KNOCK_BYTES
 from tests.unit.test_coordinator import (
+    FINGERPRINT,
     HB_TIMEOUT,
     Island,
     commit_round,
@@ -235,6 +239,68 @@ def test_a_heal_that_fails_its_mac_is_the_donors_fault_and_comes_from_another(
     done = drive(coordinator, [a, b, c], decided(coordinator, 3, 0))
     assert [(h["island"], h["donor"]) for h in done["heal"]] == [("c", "b")]
     assert done["checkpoint_by"] in (None, "a")  # the fleet checkpoint's writer is unchanged
+
+
+def joined_member(coordinator: Coordinator, name: str, fingerprint: dict[str, Any]):
+    """A real FleetMember admitted by `coordinator` (ticked while it knocks)."""
+    cfg = fleet_cfg(coordinator=f"127.0.0.1:{coordinator.port}", island=name)
+    member = FleetMember(cfg, nn.Linear(2, 2), fingerprint)
+    member._connect()
+    thread = threading.Thread(target=member._knock, args=(False,), daemon=True)
+    thread.start()
+    while thread.is_alive():
+        coordinator.tick()
+        time.sleep(0.01)
+    return member
+
+
+@pytest.mark.parametrize("healed_at_the_end", [False, True])
+def test_a_joiner_the_final_round_does_not_heal_ends_with_the_final_fleet_checkpoint(
+    make_coordinator, healed_at_the_end
+):
+    """A joiner silent past the heartbeat timeout when the final round commits is healed by no
+    one (seen after a coordinator restart: admitted again, not yet beating). It must not wait
+    for a heal order for ever: once the fleet has finished it restores the final fleet
+    checkpoint and ends. A joiner the final round does heal still waits for its donor."""
+    two_rounds = {**FINGERPRINT, "rounds": 2}
+    coordinator = make_coordinator(progress_timeout_s=60.0)  # the fake a beats no steps
+    a = Island(coordinator, "a")
+    a.knock(coordinator, fingerprint=two_rounds)
+    commit_round(coordinator, [a], 1)
+    c = joined_member(coordinator, "c", two_rounds)
+    assert c.role == "joiner"
+    if healed_at_the_end:
+        c.keys.put("hb/c", {"state": "recovering", "n": 0})
+    else:  # c says nothing until the heartbeat timeout has passed; a beats
+        silent_until = time.monotonic() + 2 * HB_TIMEOUT
+        while time.monotonic() < silent_until:
+            a.beat()
+            coordinator.tick()
+            time.sleep(0.01)
+    final = commit_round(coordinator, [a], 2)
+    assert final["final"] and coordinator.finished
+    assert [h["island"] for h in final["heal"]] == (["c"] if healed_at_the_end else [])
+    restored = []
+
+    def final_fleet_checkpoint() -> bool:  # FleetIsland.restore_shards, as _catch_up calls it
+        c.round_have = 2
+        restored.append(2)
+        return True
+
+    c.restore_state = final_fleet_checkpoint
+    ended: list[bool] = []
+    waiting = threading.Thread(target=lambda: ended.append(c._heal()), daemon=True)
+    waiting.start()
+    deadline = time.monotonic() + 4.0  # the member reads the coordinator's status every 1 s
+    while waiting.is_alive() and time.monotonic() < deadline:
+        a.beat()
+        coordinator.tick()
+        time.sleep(0.01)
+    if healed_at_the_end:  # its donor's order would come: it must still be waiting for it
+        assert waiting.is_alive() and not restored
+        coordinator.keys.delete("round/2")  # now no record names c: it ends, as above
+        waiting.join(timeout=4.0)
+    assert ended == [True] and restored == [2] and c.role == "finished"
 
 
 def test_a_refused_pseudo_gradient_is_counted_against_its_sender(make_coordinator, tmp_path):

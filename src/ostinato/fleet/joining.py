@@ -167,11 +167,16 @@ class Joining:
                     raise
         raise Refused(f"the fleet coordinator refused island {self.island!r}: {reply['reason']}")
 
-    def _wait_for(self, probe, what: str, timeout: float | None = None):
+    def _wait_for(self, probe, what: str, timeout: float | None = None, every_s: float = 0.0):
+        """The probe's first value that is not None, probed whenever the coordinator announces
+        writes (wire.ORDERS), and every `every_s` seconds too if set (for keys written without
+        announcing, such as its status)."""
         deadline = time.monotonic() + (timeout or self.cfg.connect_timeout_s)
         orders = wire.Watch(self.keys, wire.ORDERS)
+        probed = time.monotonic()
         while time.monotonic() < deadline:
-            if orders.moved():
+            if orders.moved() or (every_s and time.monotonic() - probed >= every_s):
+                probed = time.monotonic()
                 value = probe()
                 if value is not None:
                     return value
@@ -185,7 +190,10 @@ class Joining:
         MAC is reported (a fault of the donor) and waited for again, from another donor."""
         self.heartbeat.status["state"] = "recovering"
         while True:
-            order = self._wait_for(self._heal_order, "donor", timeout=24 * 3600.0)
+            probe = self._heal_order_or_end
+            order = self._wait_for(probe, "donor", timeout=24 * 3600.0, every_s=1.0)
+            if order.get("finished"):
+                return self._end_unhealed()
             if "donor" not in order:  # no donor alive: restore durable state, report, wait
                 self._restore()
             elif order["donor"] == self.island:  # chosen to carry on from what it restored
@@ -197,6 +205,32 @@ class Joining:
                 return bool(order.get("final"))
             elif self._take_heal(order):
                 return bool(order.get("final"))
+
+    def _heal_order_or_end(self) -> dict[str, Any] | None:
+        """A heal order to follow, or {"finished": True} once the coordinator says the fleet
+        has finished its run: a joiner its final round did not heal (one admitted too late to
+        count as alive at that commit, as after a coordinator restart) gets no order any more."""
+        order = self._heal_order()
+        status = self.keys.get("status", {}) if order is None else {}
+        if not status.get("finished"):
+            return order
+        final = self.keys.get(f"round/{status.get('last_committed')}") or {}
+        me = {"island": self.island, "nonce": self.nonce}
+        if any(me.items() <= heal.items() for heal in final.get("heal", [])):
+            return None  # the final round heals this island: its donor's order is on its way
+        return {"finished": True}
+
+    def _end_unhealed(self) -> bool:
+        """The fleet finished while this island waited for a heal: it ends with the fleet's
+        final state, from the final fleet checkpoint (written just after the final commit)."""
+        log.warning("fleet: the fleet finished while this island waited to be healed")
+        self.role = "finished"
+        if not self._catch_up():
+            log.warning(
+                "fleet: no final fleet checkpoint found; ending with round %d's state",
+                self.round_have,
+            )
+        return True
 
     def _heal_order(self) -> dict[str, Any] | None:
         """A heal order not yet followed (or, with no donor left, an order to restore)."""

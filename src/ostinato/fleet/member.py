@@ -346,8 +346,8 @@ class FleetMember(Joining, ShardOps):
         log.warning("fleet: quarantined in round %d; healing from a donor", number)
         self.crew.run("abort")
         self.crew.run("reset")  # the residual may hold the corruption too
-        self._heal()
-        return RoundOutcome(committed=False, final=decision.get("final", False), round=number)
+        final = self._heal() or decision.get("final", False)
+        return RoundOutcome(committed=False, final=final, round=number)
 
     def _rejoin(self) -> RoundOutcome:
         """This island is behind the fleet: keep its work for its next round, get healed."""
@@ -357,7 +357,7 @@ class FleetMember(Joining, ShardOps):
         if self.role == "finished":
             return RoundOutcome(committed=False, final=True, round=self.round_have, reload="")
         final = self._heal()  # healed at the last round: the run is over for this island too
-        return RoundOutcome(committed=False, final=final, round=self.round_have)
+        return RoundOutcome(committed=False, final=final, round=number)
 
     def close(self) -> None:
         self.heal_sent()
