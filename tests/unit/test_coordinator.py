@@ -209,6 +209,16 @@ def commit_round(coordinator, islands, number, attempt=0, digest="d1"):
     return done
 
 
+def knock_in(coordinator: Coordinator, member: FleetMember) -> None:
+    """A real FleetMember knocks (in a thread) while the coordinator is ticked, until answered."""
+    member._connect()
+    thread = threading.Thread(target=member._knock, args=(False,), daemon=True)
+    thread.start()
+    while thread.is_alive():
+        coordinator.tick()
+        time.sleep(0.01)
+
+
 def rounds_log(tmp_path) -> list[dict[str, Any]]:
     path = tmp_path / "rounds.jsonl"
     if not path.exists():
@@ -371,12 +381,7 @@ def test_the_coordinator_resolves_auto_outer_lr_once_for_every_island(make_coord
     cfg = fleet_cfg(coordinator=f"127.0.0.1:{coordinator.port}", island="b", outer_lr="auto")
     member = FleetMember(cfg, nn.Linear(2, 2), auto)
     assert member.outer.lr == 0.6  # its own guess: it does not know the fleet's size
-    member._connect()
-    thread = threading.Thread(target=member._knock, args=(False,), daemon=True)
-    thread.start()
-    while thread.is_alive():
-        coordinator.tick()
-        time.sleep(0.01)
+    knock_in(coordinator, member)
     assert member.role == "member" and member.outer.lr == 0.8
 
 

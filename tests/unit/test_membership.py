@@ -26,6 +26,7 @@ from tests.unit.test_coordinator import (
     decided,
     drive,
     fleet_cfg,
+    knock_in,
     planned,
 )
 
@@ -245,12 +246,7 @@ def joined_member(coordinator: Coordinator, name: str, fingerprint: dict[str, An
     """A real FleetMember admitted by `coordinator` (ticked while it knocks)."""
     cfg = fleet_cfg(coordinator=f"127.0.0.1:{coordinator.port}", island=name)
     member = FleetMember(cfg, nn.Linear(2, 2), fingerprint)
-    member._connect()
-    thread = threading.Thread(target=member._knock, args=(False,), daemon=True)
-    thread.start()
-    while thread.is_alive():
-        coordinator.tick()
-        time.sleep(0.01)
+    knock_in(coordinator, member)
     return member
 
 
