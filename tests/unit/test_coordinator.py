@@ -769,6 +769,33 @@ def test_a_ready_mark_left_by_a_dead_process_does_not_count(make_coordinator):
     assert rec["members"] == ["a", "b"]
 
 
+@pytest.mark.parametrize("names", ["ab", "abc"])
+def test_a_disagreement_that_outlasts_a_retry_commits_and_heals_the_odd_island(
+    make_coordinator, tmp_path, names
+):
+    """With min_islands = every island a quarantine leaves too few to commit. The round is
+    retried once (a disagreement that arose in transit passes); when the same island disagrees
+    again (its held state is wrong, and an abort does not repair it) the round commits with the
+    fleet's digest and heals it, where before it was retried for ever."""
+    coordinator = make_coordinator(min_islands=len(names))
+    islands = [Island(coordinator, n) for n in names]
+    odd = islands[-1]
+    for island in islands:
+        island.knock(coordinator)
+        island.ready(1)
+    for attempt, decision in [(0, "abort"), (1, "commit")]:
+        drive(coordinator, islands, planned(coordinator, 1, attempt))
+        for island in islands:  # the outlier guard names the odd one: it loses a 1-1 tie
+            digest = "flipped" if island is odd else "good"
+            island.result(1, attempt, digest=digest, excluded=[odd.name])
+        done = drive(coordinator, islands, decided(coordinator, 1, attempt))
+        assert done["decision"] == decision, done
+    assert done["members"] == list(names[:-1])
+    assert [h["island"] for h in done["heal"]] == [odd.name]
+    [logged] = rounds_log(tmp_path)
+    assert logged["round"] == 1 and logged["attempt"] == 1 and logged["quarantined"] == [odd.name]
+
+
 def test_a_quarantined_island_is_healed_once_and_then_takes_part_again(make_coordinator):
     coordinator = make_coordinator()
     a, b = Island(coordinator, "a"), Island(coordinator, "b")

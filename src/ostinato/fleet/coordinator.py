@@ -50,6 +50,7 @@ class RoundState:
     exchange_started: float = 0.0
     overdue_s: float = 0.0  # when the exchange counts as overdue (fleet/deadlines.py)
     tried: list[tuple[int, list[str]]] = field(default_factory=list)  # (attempt, members)
+    disagreed: int = 0  # attempts aborted because too few members' digests agreed
 
 
 class Coordinator:
@@ -352,9 +353,14 @@ class Coordinator:
             keep = RoundGuards(self.guards, self.guard_log, self.round).judge(
                 results, self.last_members
             )
-            if len(keep) >= min(self.cfg.min_islands, len(results)) and keep:
+            enough = len(keep) >= min(self.cfg.min_islands, len(results))
+            # A disagreement that outlasts a retry is in an island's held state, not in
+            # transit: the round commits with the fleet's digest and heals the others, or a
+            # fleet with min_islands = its islands would retry it for ever.
+            if keep and (enough or state.disagreed > 0):
                 self._commit({m: results[m] for m in keep}, results)
             else:
+                state.disagreed += 1
                 self._abort("the members' digests differ and too few agree")
             return
         gone = [m for m in state.members if m not in self._alive()]
