@@ -198,8 +198,9 @@ def test_random_kills_lose_no_checkpoint_and_land_between_the_fault_free_extreme
     of the last committed round is left, the fleet carries on from an older fleet checkpoint
     while the round count goes on, so the storm trains fewer rounds than its references (up to
     fleet.checkpoint_every - 1 of them: the storm below writes a fleet checkpoint every round,
-    as a run expecting faults this often should, since 2026-12-08). Another likely one, not measured: a restarted island resumes its AdamW moments and error
-    feedback from an older checkpoint.
+    as a run expecting faults this often should, since 2026-12-08). Another likely one, not
+    measured: a restarted island resumes its AdamW moments and error feedback from an older
+    checkpoint.
     The upper edge is therefore the worst 1-island fleet plus as much again as losing two of
     the three islands for the whole run costs (1-island minus 3-island loss): a storm may cost
     at most twice what running on one island throughout costs, and a storm that undoes its

@@ -357,7 +357,7 @@ class FleetMember(Joining, ShardOps):
         if self.role == "finished":
             return RoundOutcome(committed=False, final=True, round=self.round_have, reload="")
         final = self._heal()  # healed at the last round: the run is over for this island too
-        return RoundOutcome(committed=False, final=final, round=number)
+        return RoundOutcome(committed=False, final=final, round=self.round_have)
 
     def close(self) -> None:
         self.heal_sent()
